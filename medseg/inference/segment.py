@@ -1,0 +1,104 @@
+"""Segment one scan: read -> preprocess -> predict -> back to the original grid -> write."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose
+
+from medseg.errors import ScanError
+from medseg.inference.predictor import SlicePredictor
+from medseg.io.monai_reader import volume_to_metatensor
+from medseg.io.readers import read_scan, scan_name
+from medseg.io.volume import Geometry, Volume
+from medseg.io.writers import write_nifti_labels
+from medseg.transforms import build_transforms
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What one ``segment_scan`` call produced."""
+
+    source: Path
+    output: Path
+    geometry: Geometry
+    label_counts: dict[int, int]
+    seconds: float
+
+
+def safe_name(name: str) -> str:
+    """``name`` reduced to ``[A-Za-z0-9._-]`` (never a path), non-empty."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "scan"
+
+
+def to_original_grid(labels: torch.Tensor, image: MetaTensor, transforms: Compose) -> np.ndarray:
+    """Undo every recorded grid change of ``image`` on ``labels`` (X', Y', Z') uint8.
+
+    This is the one place where preprocessing is inverted: MONAI replays the operations
+    recorded in ``image.applied_operations`` (orientation, in-plane resampling) in reverse.
+    Returns (X, Y, Z) on the grid the scan was read on.
+    """
+    restored = MetaTensor(labels[None], meta=dict(image.meta))
+    restored.applied_operations = list(image.applied_operations)
+    out = transforms.inverse({"image": restored})["image"]
+    return out[0].numpy()
+
+
+def segment_volume(volume: Volume, predictor: SlicePredictor) -> np.ndarray:
+    """Label map (X, Y, Z) uint8 on ``volume``'s own grid."""
+    spec = predictor.model.spec
+    wanted = spec.network.in_channels
+    if volume.channels != wanted:
+        raise ScanError(
+            volume.source,
+            f"has {volume.channels} channel(s) (shape {volume.array.shape[1:]} x "
+            f"{volume.channels}) but the model takes {wanted}",
+            "give a single 3D volume per scan (split 4D series into 3D files first)"
+            if volume.channels > wanted
+            else "give the model the channels it was trained with",
+        )
+    transforms = build_transforms(spec, load=False, resample=False)
+    image = transforms({"image": volume_to_metatensor(volume)})["image"]
+    labels = predictor.predict(image)
+    restored = to_original_grid(labels, image, transforms)
+    back = Geometry.from_affine_ras(image.meta["original_affine"], restored.shape)
+    problem = volume.geometry.mismatch(back)
+    if problem is not None:  # a bug in medseg, never a user error
+        raise RuntimeError(f"{volume.source}: restored grid differs from the input's: {problem}")
+    return restored
+
+
+def output_path(source: Path, out_dir: Path) -> Path:
+    return out_dir / f"{safe_name(scan_name(source))}.nii.gz"
+
+
+def segment_scan(
+    source: str | Path, predictor: SlicePredictor, out_dir: Path, series_uid: str | None = None
+) -> SegmentResult:
+    """Segment the scan at ``source`` and write ``out_dir/<name>.nii.gz`` on its grid."""
+    start = time.perf_counter()
+    source = Path(source)
+    volume = read_scan(source, series_uid=series_uid)
+    labels = segment_volume(volume, predictor)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = write_nifti_labels(labels, volume.geometry, output_path(source, out_dir))
+    values, counts = np.unique(labels, return_counts=True)
+    seconds = time.perf_counter() - start
+    logger.info("%s -> %s (%.1f s)", source, output, seconds)
+    return SegmentResult(
+        source=source,
+        output=output,
+        geometry=volume.geometry,
+        label_counts={int(v): int(c) for v, c in zip(values, counts)},
+        seconds=seconds,
+    )

@@ -1,0 +1,27 @@
+"""Write files under a temporary name in the target folder, then rename into place.
+
+A killed or failing run therefore never leaves a truncated file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final`` (same suffixes, so writers pick the format);
+    on success rename it to ``final``, on error delete it."""
+    final = Path(final)
+    suffixes = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp{suffixes}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

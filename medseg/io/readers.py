@@ -1,0 +1,154 @@
+"""Read one scan (NIfTI, NRRD, MHA/MHD file or DICOM series folder) into a Volume.
+
+Readers return arrays (C, X, Y, Z) float32 with LPS geometry and refuse, with a ScanError
+naming the file, anything that is not a 3D scan with finite intensities.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import ScanError
+from medseg.io import dicom
+from medseg.io.volume import Geometry, Volume
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+SCAN_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+
+def scan_suffix(path: Path) -> str | None:
+    """The scan-format suffix of ``path`` (lower case), or None if it has none."""
+    name = path.name.lower()
+    return next((s for s in SCAN_SUFFIXES if name.endswith(s)), None)
+
+
+def scan_name(path: Path) -> str:
+    """``path``'s name without its scan suffix (a DICOM folder keeps its name)."""
+    suffix = scan_suffix(path)
+    return path.name[: -len(suffix)] if suffix and path.is_file() else path.name
+
+
+def read_scan(path: str | Path, series_uid: str | None = None) -> Volume:
+    """Read the scan at ``path``: a NIfTI/NRRD/MHA file or a folder holding one DICOM series.
+
+    ``series_uid`` picks one series when a DICOM folder holds several.
+    Raises ScanError naming the file, what is wrong and what to do.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ScanError(path, "does not exist", "check the path")
+    if path.is_dir():
+        series = dicom.select_series(path, dicom.find_series_in_folder(path), series_uid)
+        volume = dicom.read_series(series)
+    else:
+        suffix = scan_suffix(path)
+        if suffix is None:
+            # A lone DICOM file (often without suffix) is one 2D slice, or not an image.
+            found = dicom.find_series([path])
+            if found:
+                volume = dicom.read_series(found[0])
+            else:
+                raise ScanError(
+                    path,
+                    "is not a scan medseg can read",
+                    "give a .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd file or a DICOM series folder",
+                )
+        elif path.stat().st_size == 0:
+            raise ScanError(path, "is empty (0 bytes)", "the copy or download did not finish")
+        elif suffix in NIFTI_SUFFIXES:
+            volume = _read_nifti(path)
+        else:
+            volume = _read_itk(path)
+    return _checked(volume)
+
+
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        array = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib.error, OSError...
+        raise ScanError(
+            path,
+            f"cannot be read as NIfTI ({type(err).__name__}: {err})",
+            "the file is truncated, corrupt or not a NIfTI image; re-export or re-copy it",
+        ) from err
+    header = img.header
+    qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    if qcode > 0 and scode > 0 and not np.allclose(img.get_qform(), img.get_sform(), atol=1e-3):
+        # nibabel and MONAI follow the sform, SimpleITK the qform: say which one we use.
+        logger.warning(
+            "%s: qform and sform disagree; using the sform (as nibabel and MONAI do)", path
+        )
+    spatial = array.shape[:3]
+    # Dimensions past the third (time, vector components) become channels.
+    array = array.reshape(*spatial, -1) if array.ndim > 3 else array[..., None]
+    if array.ndim < 4 or len(spatial) < 3:
+        raise _not_3d(path, img.shape)
+    geometry = Geometry.from_affine_ras(img.affine, spatial)
+    return Volume(np.ascontiguousarray(np.moveaxis(array, -1, 0)), geometry, path)
+
+
+def _read_itk(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise ScanError(
+            path,
+            f"cannot be read ({str(err).strip().splitlines()[-1] if str(err).strip() else err})",
+            "the file is truncated, corrupt or not an image; re-export or re-copy it",
+        ) from err
+    dim = img.GetDimension()
+    if dim < 3:
+        raise _not_3d(path, img.GetSize())
+    array = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)
+    if img.GetNumberOfComponentsPerPixel() == 1:
+        array = array[..., None]
+    # SimpleITK: (t?, z, y, x, c) -> (c * t, x, y, z)
+    if dim == 4:
+        array = np.moveaxis(array, 0, -2).reshape(*array.shape[1:4], -1)
+    array = np.transpose(array, (3, 2, 1, 0))
+    direction = np.asarray(img.GetDirection()).reshape(dim, dim)[:3, :3]
+    geometry = Geometry(
+        shape=tuple(array.shape[1:]),
+        spacing=tuple(img.GetSpacing()[:3]),
+        origin=tuple(img.GetOrigin()[:3]),
+        direction=tuple(direction.ravel()),
+    )
+    return Volume(np.ascontiguousarray(array), geometry, path)
+
+
+def _not_3d(path: Path, shape: tuple[int, ...]) -> ScanError:
+    return ScanError(
+        path,
+        f"is a 2D image (shape {tuple(shape)}), not a volume",
+        "medseg segments 3D scans; stack the slices into one volume first",
+    )
+
+
+def _checked(volume: Volume) -> Volume:
+    """Refuse flat or empty volumes; replace scattered non-finite voxels with the minimum."""
+    path = volume.source
+    if min(volume.geometry.shape) < 2:
+        raise _not_3d(path, volume.geometry.shape)
+    finite = np.isfinite(volume.array)
+    if not finite.all():
+        bad = int(finite.size - finite.sum())
+        if bad == finite.size:
+            raise ScanError(
+                path,
+                "holds no finite intensity: every voxel is NaN or infinite",
+                "the scan is empty or was written wrongly; re-export it",
+            )
+        logger.warning("%s: %d NaN/infinite voxels set to the volume minimum", path, bad)
+        np.copyto(volume.array, volume.array[finite].min(), where=~finite)
+    return volume

@@ -1,0 +1,150 @@
+"""Model folders: ``model.json`` (a ModelSpec) plus the weights it names.
+
+Weights are safetensors (preferred) or a plain PyTorch state dict loaded with
+``weights_only=True``: medseg never unpickles arbitrary objects from a model folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medseg.errors import ConfigError, ModelError
+from medseg.networks import build_network
+from medseg.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+SPEC_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class Model:
+    """A network with its specification and the folder it came from."""
+
+    spec: ModelSpec
+    network: nn.Module
+    folder: Path
+
+    @property
+    def sha256(self) -> str:
+        return self.spec.weights_sha256 or ""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
+    """Write ``network``'s weights (safetensors) and ``model.json`` to ``folder``.
+
+    Returns the spec as saved (weights file name and checksum filled in). Both files are
+    written under temporary names and renamed, so a crash never leaves a half model.
+    """
+    from safetensors.torch import save_file
+
+    from medseg.io.atomic import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "weights.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **spec.provenance}
+    saved = replace(spec, weights=weights.name, weights_sha256=file_sha256(weights), provenance=provenance)
+    with atomic_path(folder / SPEC_FILE) as tmp:
+        saved.save(tmp)
+    return saved
+
+
+def load_spec(folder: Path) -> ModelSpec:
+    spec_path = folder / SPEC_FILE
+    if not folder.is_dir():
+        raise ModelError(folder, "is not a model folder", "create one with 'medseg init-model' or train one")
+    if not spec_path.is_file():
+        raise ModelError(spec_path, "is missing", "a model folder holds model.json and the weights it names")
+    try:
+        return ModelSpec.load(spec_path)
+    except ConfigError as err:
+        raise ModelError(spec_path, str(err).removeprefix(f"{spec_path}: ")) from err
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelError(path, f"is not a readable safetensors file ({err})", "re-copy the model") from err
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for pickled objects, RuntimeError for corrupt zips
+        raise ModelError(
+            path,
+            f"was refused: it is not a plain tensor state dict ({type(err).__name__}). medseg loads "
+            "checkpoints with weights_only=True and never unpickles arbitrary objects",
+            "convert it to safetensors from a trusted environment",
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(path, "does not hold a state dict of tensors", "save network.state_dict()")
+    return state
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
+    """Load the model in ``folder`` in eval mode on ``device``; ModelError on any mismatch."""
+    folder = Path(folder)
+    spec = load_spec(folder)
+    weights = folder / spec.weights
+    if not weights.is_file():
+        raise ModelError(weights, "is missing (model.json names it as the weights file)", "re-copy the model folder")
+    if spec.weights_sha256 and file_sha256(weights) != spec.weights_sha256:
+        raise ModelError(
+            weights,
+            "does not match the checksum in model.json (changed or corrupted after saving)",
+            "re-copy the model folder, or re-save it with medseg",
+        )
+    network = build_network(spec.network)
+    state = _read_state_dict(weights)
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        details = []
+        if wrong:
+            k = wrong[0]
+            details.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: {tuple(state[k].shape)} in file, "
+                           f"{tuple(expected[k].shape)} expected")
+        if missing:
+            details.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
+        raise ModelError(
+            weights,
+            f"does not fit the network in model.json ({spec.network}): " + "; ".join(details),
+            "the weights belong to another model; use the model.json saved with them",
+        )
+    network.load_state_dict(state)
+    network.to(device).eval()
+    return Model(spec=spec, network=network, folder=folder)
+
+
+def init_model(folder: Path, spec: ModelSpec, seed: int = 0) -> ModelSpec:
+    """Write an untrained model folder (seeded initialisation) and return its saved spec."""
+    with torch.random.fork_rng(devices=[]):  # seeded here, no global seeding left behind
+        torch.manual_seed(seed)
+        network = build_network(spec.network)
+    spec = replace(spec, provenance={"trained": False, "init_seed": seed, **spec.provenance})
+    return save_model(folder, spec, network)

@@ -1,0 +1,50 @@
+"""The preprocessing chain as one MONAI ``Compose``, built from a ModelSpec.
+
+load -> channel first -> RAS orientation -> (in-plane resampling) -> intensity preset.
+Orientation and resampling record their inverse in the MetaTensor; ``Compose.inverse``
+(or ``Invertd``) undoes them in reverse order, in one place.
+"""
+
+from __future__ import annotations
+
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+
+from medseg.io.monai_reader import ScanReader
+from medseg.spec import ModelSpec
+from medseg.transforms.grid import ResampleInPlaned
+from medseg.transforms.intensity import NormalizeIntensityPresetd
+
+CANONICAL_AXCODES = "RAS"
+
+
+def build_transforms(
+    spec: ModelSpec,
+    keys: tuple[str, ...] = ("image",),
+    load: bool = True,
+    resample: bool = True,
+    label_keys: tuple[str, ...] = (),
+) -> Compose:
+    """The Compose that turns a scan path (or a loaded MetaTensor) into network-ready input.
+
+    Args:
+        spec: the model's specification (preset, slice axis rule, target spacing).
+        keys: image keys; intensity normalisation applies to these only.
+        load: start with ``LoadImaged`` (ScanReader); False when data are already MetaTensors.
+        resample: include in-plane resampling to ``spec.spacing`` (the predictor resamples
+            slice batches itself, so inference passes False).
+        label_keys: label-map keys that follow the images' grid changes (nearest neighbour).
+    """
+    all_keys = (*keys, *label_keys)
+    steps = []
+    if load:
+        steps.append(LoadImaged(all_keys, reader=ScanReader(), image_only=True))
+    steps += [
+        EnsureChannelFirstd(all_keys),
+        Orientationd(all_keys, axcodes=CANONICAL_AXCODES),
+    ]
+    if resample and spec.spacing is not None:
+        steps.append(ResampleInPlaned(keys, spec.spacing, spec.slice_axis, mode="bilinear"))
+        if label_keys:
+            steps.append(ResampleInPlaned(label_keys, spec.spacing, spec.slice_axis, mode="nearest"))
+    steps.append(NormalizeIntensityPresetd(keys, spec.preset))
+    return Compose(steps)
