@@ -60,8 +60,13 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp))
-    provenance = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **spec.provenance}
-    saved = replace(spec, weights=weights.name, weights_sha256=file_sha256(weights), provenance=provenance)
+    provenance = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **spec.provenance,
+    }
+    saved = replace(
+        spec, weights=weights.name, weights_sha256=file_sha256(weights), provenance=provenance
+    )
     with atomic_path(folder / SPEC_FILE) as tmp:
         saved.save(tmp)
     return saved
@@ -70,9 +75,13 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
 def load_spec(folder: Path) -> ModelSpec:
     spec_path = folder / SPEC_FILE
     if not folder.is_dir():
-        raise ModelError(folder, "is not a model folder", "create one with 'medseg init-model' or train one")
+        raise ModelError(
+            folder, "is not a model folder", "create one with 'medseg init-model' or train one"
+        )
     if not spec_path.is_file():
-        raise ModelError(spec_path, "is missing", "a model folder holds model.json and the weights it names")
+        raise ModelError(
+            spec_path, "is missing", "a model folder holds model.json and the weights it names"
+        )
     try:
         return ModelSpec.load(spec_path)
     except ConfigError as err:
@@ -87,13 +96,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise ModelError(path, f"is not a readable safetensors file ({err})", "re-copy the model") from err
+            raise ModelError(
+                path, f"is not a readable safetensors file ({err})", "re-copy the model"
+            ) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for pickled objects, RuntimeError for corrupt zips
         raise ModelError(
             path,
-            f"was refused: it is not a plain tensor state dict ({type(err).__name__}). medseg loads "
+            f"was refused: it is not a plain tensor state dict ({type(err).__name__}). "
+            "medseg loads "
             "checkpoints with weights_only=True and never unpickles arbitrary objects",
             "convert it to safetensors from a trusted environment",
         ) from err
@@ -108,7 +120,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
     spec = load_spec(folder)
     weights = folder / spec.weights
     if not weights.is_file():
-        raise ModelError(weights, "is missing (model.json names it as the weights file)", "re-copy the model folder")
+        raise ModelError(
+            weights,
+            "is missing (model.json names it as the weights file)",
+            "re-copy the model folder",
+        )
     if spec.weights_sha256 and file_sha256(weights) != spec.weights_sha256:
         raise ModelError(
             weights,
@@ -125,8 +141,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
         details = []
         if wrong:
             k = wrong[0]
-            details.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: {tuple(state[k].shape)} in file, "
-                           f"{tuple(expected[k].shape)} expected")
+            details.append(
+                f"{len(wrong)} shape mismatch(es), e.g. {k}: {tuple(state[k].shape)} in file, "
+                f"{tuple(expected[k].shape)} expected"
+            )
         if missing:
             details.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
         if unexpected:

@@ -97,7 +97,9 @@ class ModelSpec:
                 f"window {self.window} must be two positive multiples of {multiple} (2**depth)"
             )
         if self.spacing is not None and (len(self.spacing) != 2 or min(self.spacing) <= 0):
-            raise ConfigError(f"spacing must be two positive numbers (mm) or null, got {self.spacing}")
+            raise ConfigError(
+                f"spacing must be two positive numbers (mm) or null, got {self.spacing}"
+            )
 
     @property
     def label_values(self) -> tuple[int, ...]:
@@ -117,7 +119,9 @@ class ModelSpec:
         for item in data.pop("labels", []):
             _reject_unknown(LabelSpec, item, "model.json 'labels' entry")
             labels.append(
-                LabelSpec(int(item["value"]), str(item["name"]), tuple(int(c) for c in item["color"]))
+                LabelSpec(
+                    int(item["value"]), str(item["name"]), tuple(int(c) for c in item["color"])
+                )
             )
         for key in ("spacing", "window"):
             if data.get(key) is not None:
@@ -137,7 +141,9 @@ class ModelSpec:
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ConfigError(f"{path}: not a valid model.json ({type(err).__name__}: {err})") from err
+            raise ConfigError(
+                f"{path}: not a valid model.json ({type(err).__name__}: {err})"
+            ) from err
 
 
 def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:

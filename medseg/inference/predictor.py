@@ -49,15 +49,19 @@ class InferenceOptions:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available else cpu; "cuda" without a GPU raises a clear error."""
+    """ "auto" -> cuda when available else cpu; "cuda" without a GPU raises a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+        raise ValueError(
+            "--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu"
+        )
     return torch.device(name)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> tuple[torch.Tensor, tuple[slice, slice]]:
+def pad_to_multiple(
+    x: torch.Tensor, multiple: int, value: float
+) -> tuple[torch.Tensor, tuple[slice, slice]]:
     """Pad (N, C, H, W) evenly on both sides to multiples of ``multiple`` with ``value``.
 
     Returns the padded tensor and the (rows, columns) slices that crop it back.
@@ -113,7 +117,9 @@ class SlicePredictor:
                 batch = resample_slices(batch, resized, "bilinear")
                 scores = self._logits(batch, pad_value)
                 if resized != native:
-                    scores = resample_slices(torch.softmax(scores.float(), dim=1), native, "bilinear")
+                    scores = resample_slices(
+                        torch.softmax(scores.float(), dim=1), native, "bilinear"
+                    )
                 labels[start : start + step] = self.lut[scores.argmax(dim=1).cpu()]
         return torch.movedim(labels, 0, axis)
 

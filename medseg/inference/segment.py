@@ -94,7 +94,7 @@ def segment_scan(
     output = write_nifti_labels(labels, volume.geometry, output_path(source, out_dir))
     values, counts = np.unique(labels, return_counts=True)
     seconds = time.perf_counter() - start
-    logger.info("%s -> %s (%.1f s)", source, output, seconds)
+    logger.debug("%s -> %s (%.1f s)", source, output, seconds)
     return SegmentResult(
         source=source,
         output=output,

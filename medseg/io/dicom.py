@@ -224,7 +224,7 @@ def _check_series(series: DicomSeries) -> tuple[list[DicomSlice], float, np.ndar
     gaps = np.flatnonzero(steps > 1.5 * step)
     if gaps.size:
         a, b = ordered[gaps[0]], ordered[gaps[0] + 1]
-        missing = int(round(steps[gaps[0]] / step)) - 1
+        missing = round(steps[gaps[0]] / step) - 1
         raise ScanError(
             folder,
             f"series has missing slices: {steps[gaps[0]]:.3f} mm between {a.path.name} and "

@@ -50,9 +50,7 @@ class ScanReader(ImageReader):
 
     def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
         names = [filename] if isinstance(filename, (str, Path)) else list(filename)
-        return all(
-            Path(n).is_dir() or str(n).lower().endswith(SCAN_SUFFIXES) for n in names
-        )
+        return all(Path(n).is_dir() or str(n).lower().endswith(SCAN_SUFFIXES) for n in names)
 
     def read(self, data: Sequence[str | Path] | str | Path, **kwargs: Any) -> Volume:
         if not isinstance(data, (str, Path)):

@@ -89,6 +89,8 @@ class ArticleUNet(nn.Module):
         self.out_channels = out_channels
         self.base_channels = base_channels
         self.depth = depth
+        # H and W must be multiples of this (one halving per down level).
+        self.size_multiple = 2**depth
         chans = [base_channels * 2**k for k in range(depth)]
         self.downs = nn.ModuleList(
             DownLevel(in_channels if k == 0 else chans[k - 1], chans[k]) for k in range(depth)
@@ -104,13 +106,8 @@ class ArticleUNet(nn.Module):
             nn.Conv2d(chans[0], out_channels, kernel_size=1, padding=0),
         )
 
-    @property
-    def size_multiple(self) -> int:
-        """H and W must be multiples of this (``2**depth``)."""
-        return 2**self.depth
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = 2**self.depth
+        m = self.size_multiple
         if x.shape[-2] % m != 0 or x.shape[-1] % m != 0:
             raise ValueError(
                 f"ArticleUNet input height and width must be multiples of {m} (2**depth), "

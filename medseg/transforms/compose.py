@@ -40,11 +40,13 @@ def build_transforms(
         steps.append(LoadImaged(all_keys, reader=ScanReader(), image_only=True))
     steps += [
         EnsureChannelFirstd(all_keys),
-        Orientationd(all_keys, axcodes=CANONICAL_AXCODES),
+        Orientationd(all_keys, axcodes=CANONICAL_AXCODES, labels=None),
     ]
     if resample and spec.spacing is not None:
         steps.append(ResampleInPlaned(keys, spec.spacing, spec.slice_axis, mode="bilinear"))
         if label_keys:
-            steps.append(ResampleInPlaned(label_keys, spec.spacing, spec.slice_axis, mode="nearest"))
+            steps.append(
+                ResampleInPlaned(label_keys, spec.spacing, spec.slice_axis, mode="nearest")
+            )
     steps.append(NormalizeIntensityPresetd(keys, spec.preset))
     return Compose(steps)

@@ -1,4 +1,4 @@
-"""Grid changes: which voxel axis is the slice axis, and in-plane resampling that records its inverse.
+"""Grid changes: the slice axis, and in-plane resampling that records its inverse.
 
 In-plane resampling keeps the field of view (``align_corners=False``: the outer pixel edges
 stay where they are), changes only the two in-plane axes and leaves the slice axis alone.
@@ -75,7 +75,9 @@ def resample_slices(slices: torch.Tensor, size: tuple[int, int], mode: str) -> t
     return out.to(slices.dtype) if slices.dtype.is_floating_point else out
 
 
-def _resample_volume(img: torch.Tensor, slice_axis: int, size: tuple[int, int], mode: str) -> torch.Tensor:
+def _resample_volume(
+    img: torch.Tensor, slice_axis: int, size: tuple[int, int], mode: str
+) -> torch.Tensor:
     """(C, X, Y, Z) -> (C, X', Y', Z') with the in-plane axes resampled to ``size``."""
     # Bring the slice axis forward: (C, ...) -> (S, C, H, W), then back.
     moved = torch.movedim(torch.as_tensor(img), slice_axis + 1, 0)
@@ -101,7 +103,9 @@ class ResampleInPlane(InvertibleTransform, Transform):
     so ``inverse`` (MONAI's ``Compose.inverse`` / ``Invertd``) restores the grid.
     """
 
-    def __init__(self, spacing: tuple[float, float], slice_axis_rule: str, mode: str = "bilinear") -> None:
+    def __init__(
+        self, spacing: tuple[float, float], slice_axis_rule: str, mode: str = "bilinear"
+    ) -> None:
         self.spacing = tuple(float(s) for s in spacing)
         self.slice_axis_rule = slice_axis_rule
         self.mode = mode
