@@ -16,7 +16,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 class ThresholdNet(nn.Module):
-    """Known answer: class 0 below ``low``, 1 in [low, high), 2 at or above ``high``.
+    """Known answer: class 0 up to ``low``, 1 in (low, high], 2 above ``high``.
+
+    Ties score equal and argmax takes the first, so the boundaries are exact.
 
     Works per pixel, so any padding, batching or window stitching must give exactly the
     thresholded input back.
@@ -33,7 +35,7 @@ class ThresholdNet(nn.Module):
 
 
 def threshold_labels(array: np.ndarray, low: float, high: float) -> np.ndarray:
-    return (array >= low).astype(np.uint8) + (array >= high).astype(np.uint8)
+    return (array > low).astype(np.uint8) + (array > high).astype(np.uint8)
 
 
 def threshold_model(

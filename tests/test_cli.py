@@ -1,0 +1,187 @@
+"""The command line: bad input names the file, exits non-zero and leaves no output file."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import make_geometry, phantom, write_dicom_series, write_nifti
+
+from medseg.cli import main
+from medseg.model import load_spec
+
+
+def _segment(scan, out, model) -> int:
+    return main(["segment", str(scan), "-o", str(out), "--model", str(model)])
+
+
+def _assert_refused(capsys_or_caplog, code, out_dir, *needles):
+    assert code != 0
+    text = capsys_or_caplog.text
+    for needle in needles:
+        assert needle in text, f"{needle!r} not in {text!r}"
+    assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
+
+
+def test_segment_writes_label_map(tmp_path, tiny_model_dir, capsys):
+    geometry = make_geometry((20, 24, 9))
+    scan = write_nifti(tmp_path / "case 1.nii.gz", phantom(geometry.shape), geometry)
+    assert _segment(scan, tmp_path / "out", tiny_model_dir) == 0
+    assert (tmp_path / "out" / "case_1.nii.gz").is_file()
+    assert "case_1.nii.gz" in capsys.readouterr().out
+
+
+def _bad_files(tmp_path):
+    geometry = make_geometry((20, 24, 9))
+    good = write_nifti(tmp_path / "good.nii.gz", phantom(geometry.shape), geometry).read_bytes()
+    (tmp_path / "truncated.nii.gz").write_bytes(good[: len(good) // 3])
+    (tmp_path / "zero.nii.gz").touch()
+    (tmp_path / "text.nii").write_text("patient list\n")
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    nib.save(
+        nib.Nifti1Image(np.zeros((30, 20), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz")
+    )
+    four = np.stack([phantom(geometry.shape)] * 2, axis=-1)
+    write_nifti(tmp_path / "fourd.nii.gz", four, geometry)
+    nan = np.full(geometry.shape, np.nan, np.float32)
+    write_nifti(tmp_path / "nan.nii.gz", nan, geometry)
+
+
+@pytest.mark.parametrize(
+    ("name", "needles"),
+    [
+        ("truncated.nii.gz", ["truncated.nii.gz", "cannot be read", "re-copy"]),
+        ("zero.nii.gz", ["zero.nii.gz", "0 bytes"]),
+        ("text.nii", ["text.nii", "cannot be read"]),
+        ("picture.png", ["picture.png", "not a scan"]),
+        ("flat.nii.gz", ["flat.nii.gz", "2D image", "3D"]),
+        ("fourd.nii.gz", ["fourd.nii.gz", "2 channel(s)", "model takes 1", "split"]),
+        ("nan.nii.gz", ["nan.nii.gz", "NaN"]),
+    ],
+)
+def test_bad_scans_are_refused_clearly(tmp_path, tiny_model_dir, caplog, name, needles):
+    _bad_files(tmp_path)
+    out = tmp_path / "out"
+    _assert_refused(caplog, _segment(tmp_path / name, out, tiny_model_dir), out, *needles)
+
+
+def test_dicom_folder_with_several_series(tmp_path, tiny_model_dir, caplog):
+    geometry = make_geometry((16, 16, 4))
+    write_dicom_series(
+        tmp_path / "study" / "s1", phantom(geometry.shape), geometry, description="T1"
+    )
+    write_dicom_series(
+        tmp_path / "study" / "s2", phantom(geometry.shape), geometry, description="T2"
+    )
+    out = tmp_path / "out"
+    code = _segment(tmp_path / "study", out, tiny_model_dir)
+    _assert_refused(caplog, code, out, "study", "2 DICOM series", "'T1'", "'T2'", "--series-uid")
+
+
+@pytest.fixture
+def scan(tmp_path):
+    geometry = make_geometry((20, 24, 9))
+    return write_nifti(tmp_path / "scan.nii.gz", phantom(geometry.shape), geometry)
+
+
+def _copy_model(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_missing_weights(tmp_path, tiny_model_dir, scan, caplog):
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    (model / "weights.safetensors").unlink()
+    out = tmp_path / "out"
+    _assert_refused(caplog, _segment(scan, out, model), out, "weights.safetensors", "is missing")
+
+
+def test_weights_of_another_network(tmp_path, tiny_model_dir, scan, caplog):
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    spec = json.loads((model / "model.json").read_text())
+    spec["network"]["base_channels"] = 8
+    spec["weights_sha256"] = None  # the file is intact; it just belongs to another network
+    (model / "model.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    code = _segment(scan, out, model)
+    _assert_refused(
+        caplog, code, out, "weights.safetensors", "does not fit the network", "shape mismatch"
+    )
+
+
+def test_corrupted_weights_fail_checksum(tmp_path, tiny_model_dir, scan, caplog):
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    data = bytearray((model / "weights.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (model / "weights.safetensors").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    _assert_refused(caplog, _segment(scan, out, model), out, "weights.safetensors", "checksum")
+
+
+def test_missing_model_json(tmp_path, scan, caplog):
+    (tmp_path / "model").mkdir()
+    out = tmp_path / "out"
+    _assert_refused(
+        caplog, _segment(scan, out, tmp_path / "model"), out, "model.json", "is missing"
+    )
+
+
+def test_model_json_with_unknown_key(tmp_path, tiny_model_dir, scan, caplog):
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    spec = json.loads((model / "model.json").read_text())
+    spec["pre_set"] = "mr"
+    (model / "model.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    _assert_refused(caplog, _segment(scan, out, model), out, "model.json", "unknown key", "pre_set")
+
+
+def test_pickled_checkpoint_is_refused(tmp_path, tiny_model_dir, scan, caplog):
+    """A .pt holding arbitrary pickled objects must never be unpickled."""
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    spec = json.loads((model / "model.json").read_text())
+    spec.update(weights="weights.pt", weights_sha256=None)
+    (model / "model.json").write_text(json.dumps(spec))
+    torch.save({"payload": PickledPayload()}, model / "weights.pt")
+    out = tmp_path / "out"
+    _assert_refused(
+        caplog, _segment(scan, out, model), out, "weights.pt", "refused", "weights_only"
+    )
+
+
+class PickledPayload:
+    """Stands in for an object a malicious checkpoint would smuggle in."""
+
+
+def test_plain_state_dict_checkpoint_loads(tmp_path, tiny_model_dir, scan):
+    from safetensors.torch import load_file
+
+    model = _copy_model(tiny_model_dir, tmp_path / "model")
+    torch.save(load_file(str(model / "weights.safetensors")), model / "weights.pt")
+    spec = json.loads((model / "model.json").read_text())
+    spec.update(weights="weights.pt", weights_sha256=None)
+    (model / "model.json").write_text(json.dumps(spec))
+    assert _segment(scan, tmp_path / "out", model) == 0
+
+
+def test_init_model_and_info(tmp_path, capsys):
+    folder = tmp_path / "m"
+    args = ["init-model", "-o", str(folder), "--labels", "background,anterior,posterior"]
+    args += ["--preset", "mr", "--base-channels", "32", "--slice-axis", "sagittal"]
+    assert main(args) == 0
+    spec = load_spec(folder)
+    assert [lab.name for lab in spec.labels] == ["background", "anterior", "posterior"]
+    assert spec.network.base_channels == 32 and spec.network.out_channels == 3
+    assert spec.preset == "mr" and spec.slice_axis == "sagittal"
+    assert spec.provenance["trained"] is False
+    assert main(["info", str(folder)]) == 0
+    assert "posterior" in capsys.readouterr().out
+
+
+def test_init_model_bad_preset(tmp_path, caplog):
+    code = main(
+        ["init-model", "-o", str(tmp_path / "m"), "--labels", "bg,fg", "--preset", "ct_liver"]
+    )
+    assert code != 0 and "unknown preset 'ct_liver'" in caplog.text
