@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, required=True, help="model folder (model.json + weights)"
     )
     seg.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
-    seg.add_argument("--batch-size", type=_positive_int, default=8, help="slices per network call")
+    seg.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="slices per network call (default: by size)",
+    )
     seg.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     seg.add_argument(
         "--series-uid", help="which series to segment when a DICOM folder holds several"
