@@ -155,7 +155,8 @@ def main() -> None:
     t = time.perf_counter()
     net = train_briefly(image, truth, args.base_channels, args.train_steps)
     print(
-        f"trained base-{args.base_channels} ArticleUNet for {args.train_steps} steps in {time.perf_counter() - t:.0f} s"
+        f"trained base-{args.base_channels} ArticleUNet for {args.train_steps} steps "
+        f"in {time.perf_counter() - t:.0f} s"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,14 +200,16 @@ def main() -> None:
 
     recipe = "MONAI tutorial recipe (256 window)"
     print(
-        f"\n512x512x{args.slices} CT-like volume, base {args.base_channels}, {torch.get_num_threads()} threads, "
+        f"\n512x512x{args.slices} CT-like volume, base {args.base_channels}, "
+        f"{torch.get_num_threads()} threads, "
         f"best of {args.repeats}"
     )
     for name, s in seconds.items():
         ratio = seconds[recipe] / s
         print(
             f"{name:38s} {s:7.2f} s   recipe/this {ratio:5.2f}x   "
-            f"Dice vs recipe {dice(outputs[name], outputs[recipe]):.4f}   vs truth {dice(outputs[name], truth):.4f}"
+            f"Dice vs recipe {dice(outputs[name], outputs[recipe]):.4f}   "
+            f"vs truth {dice(outputs[name], truth):.4f}"
         )
 
 
