@@ -57,7 +57,7 @@ def ct_phantom(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, 
 
 
 def train_briefly(image: np.ndarray, mask: np.ndarray, base: int, steps: int) -> ArticleUNet:
-    """A few Adam steps on random 128x128 crops of axial slices (seeded)."""
+    """A few Adam steps on random 128x128 crops inside the body on axial slices (seeded)."""
     gen = torch.Generator().manual_seed(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -68,8 +68,9 @@ def train_briefly(image: np.ndarray, mask: np.ndarray, base: int, steps: int) ->
     net.train()
     for _ in range(steps):
         idx = torch.randint(0, x.shape[2], (8,), generator=gen)
-        i0 = torch.randint(0, x.shape[0] - 128, (8,), generator=gen)
-        j0 = torch.randint(0, x.shape[1] - 128, (8,), generator=gen)
+        # Crops start within the body's bounding box so few of them are air only.
+        i0 = torch.randint(x.shape[0] // 8, x.shape[0] * 5 // 8, (8,), generator=gen)
+        j0 = torch.randint(x.shape[1] // 5, x.shape[1] * 11 // 20, (8,), generator=gen)
         xb = torch.stack([x[a : a + 128, b : b + 128, k] for a, b, k in zip(i0, j0, idx)])[:, None]
         yb = torch.stack([y[a : a + 128, b : b + 128, k] for a, b, k in zip(i0, j0, idx)])
         loss = torch.nn.functional.cross_entropy(net(xb), yb)
@@ -142,7 +143,7 @@ def main() -> None:
     )
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--base-channels", type=int, default=16)
-    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--train-steps", type=int, default=80)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

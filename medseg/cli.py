@@ -105,6 +105,28 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger("monai").setLevel(logging.WARNING)
 
 
+class _SliceProgress:
+    """A tqdm bar over slices, created once the slice count is known."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.name, unit="slice", leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> _SliceProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _run_segment(args: argparse.Namespace) -> int:
     from medseg.inference import InferenceOptions, SlicePredictor, segment_scan
     from medseg.model import load_model
@@ -113,7 +135,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         device=args.device, batch_size=args.batch_size, precision=args.precision
     )
     predictor = SlicePredictor(load_model(args.model), options)
-    result = segment_scan(args.input, predictor, args.output, series_uid=args.series_uid)
+    with _SliceProgress(args.input.name) as progress:
+        result = segment_scan(args.input, predictor, args.output, args.series_uid, progress)
     names = {lab.value: lab.name for lab in predictor.model.spec.labels}
     found = ", ".join(f"{names.get(v, v)}: {n} voxels" for v, n in result.label_counts.items() if v)
     print(f"{result.output}  ({result.seconds:.1f} s; {found or 'no foreground found'})")

@@ -56,6 +56,8 @@ class ModelSpec:
     ``spacing`` is the in-plane spacing (mm) slices are resampled to before the network, or
     None to keep each scan's native spacing. ``window`` is the largest slice (rows, columns
     of the resampled slice) run whole; larger slices use a sliding window of that size.
+    ``context_slices`` k feeds each slice with its k neighbours on either side as extra
+    channels (2.5D): ``network.in_channels`` is then the scan's channels times 2k+1.
     """
 
     labels: tuple[LabelSpec, ...]
@@ -64,6 +66,7 @@ class ModelSpec:
     slice_axis: str = "axial"
     spacing: tuple[float, float] | None = None
     window: tuple[int, int] = (512, 512)
+    context_slices: int = 0
     weights: str = "weights.safetensors"
     weights_sha256: str | None = None
     name: str = "medseg-model"
@@ -96,10 +99,20 @@ class ModelSpec:
             raise ConfigError(
                 f"window {self.window} must be two positive multiples of {multiple} (2**depth)"
             )
+        if self.context_slices < 0 or self.network.in_channels % (2 * self.context_slices + 1):
+            raise ConfigError(
+                f"network.in_channels {self.network.in_channels} must be a multiple of "
+                f"2*context_slices+1 = {2 * self.context_slices + 1}"
+            )
         if self.spacing is not None and (len(self.spacing) != 2 or min(self.spacing) <= 0):
             raise ConfigError(
                 f"spacing must be two positive numbers (mm) or null, got {self.spacing}"
             )
+
+    @property
+    def image_channels(self) -> int:
+        """Channels the scan itself must have (network input channels without context)."""
+        return self.network.in_channels // (2 * self.context_slices + 1)
 
     @property
     def label_values(self) -> tuple[int, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +24,14 @@ from medseg.transforms.grid import (
     spacing_from_affine,
     target_size,
 )
+from medseg.transforms.slices import slice_stack
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Called with (slices done, slices in the volume) after each batch.
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -112,23 +117,27 @@ class SlicePredictor:
         self.network = model.network.to(self.device, memory_format=torch.channels_last).eval()
         self.lut = torch.tensor(model.spec.label_values, dtype=torch.uint8)
 
-    def predict(self, image: torch.Tensor) -> torch.Tensor:
-        """Label map (X, Y, Z) uint8 for a preprocessed MetaTensor ``image`` (C, X, Y, Z)."""
+    def predict(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+        """Label map (X, Y, Z) uint8 for a preprocessed MetaTensor ``image`` (C, X, Y, Z).
+
+        ``progress(done, total)`` is called with slice counts after each batch.
+        """
         spec = self.model.spec
         axis = slice_axis_index(spec.slice_axis, image.affine)
         plane = in_plane_axes(axis)
         spacing = spacing_from_affine(image.affine)
         native = (int(image.shape[1 + plane[0]]), int(image.shape[1 + plane[1]]))
         resized = target_size(native, (spacing[plane[0]], spacing[plane[1]]), spec.spacing)
-        # (S, C, H, W) view: slices along the slice axis, rows/columns the in-plane axes.
-        slices = torch.movedim(torch.as_tensor(image), axis + 1, 0)
-        pad_value = float(slices.min())
-        labels = torch.empty((slices.shape[0], *native), dtype=torch.uint8)
+        n_slices = int(image.shape[1 + axis])
+        pad_value = float(image.min())
+        labels = torch.empty((n_slices, *native), dtype=torch.uint8)
         step = self.options.batch_size or auto_batch_size(self.device, resized[0] * resized[1])
-        logger.debug("slice axis %d, %d slices %s -> %s", axis, slices.shape[0], native, resized)
+        logger.debug("slice axis %d, %d slices %s -> %s", axis, n_slices, native, resized)
         with torch.inference_mode():
-            for start in range(0, slices.shape[0], step):
-                batch = slices[start : start + step].to(self.device, torch.float32)
+            for start in range(0, n_slices, step):
+                indices = range(start, min(start + step, n_slices))
+                batch = slice_stack(image, axis, indices, spec.context_slices)
+                batch = batch.to(self.device, torch.float32)
                 batch = resample_slices(batch, resized, "bilinear")
                 scores = self._logits(batch, pad_value)
                 if resized != native:
@@ -136,6 +145,8 @@ class SlicePredictor:
                         torch.softmax(scores.float(), dim=1), native, "bilinear"
                     )
                 labels[start : start + step] = self.lut[scores.argmax(dim=1).cpu()]
+                if progress is not None:
+                    progress(indices.stop, n_slices)
         return torch.movedim(labels, 0, axis)
 
     def _channels_last_network(self, x: torch.Tensor) -> torch.Tensor:

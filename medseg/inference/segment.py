@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from medseg.errors import ScanError
-from medseg.inference.predictor import SlicePredictor
+from medseg.inference.predictor import Progress, SlicePredictor
 from medseg.io.monai_reader import volume_to_metatensor
 from medseg.io.readers import read_scan, scan_name
 from medseg.io.volume import Geometry, Volume
@@ -54,10 +54,12 @@ def to_original_grid(labels: torch.Tensor, image: MetaTensor, transforms: Compos
     return out[0].numpy()
 
 
-def segment_volume(volume: Volume, predictor: SlicePredictor) -> np.ndarray:
-    """Label map (X, Y, Z) uint8 on ``volume``'s own grid."""
+def segment_volume(
+    volume: Volume, predictor: SlicePredictor, progress: Progress | None = None
+) -> np.ndarray:
+    """Label map (X, Y, Z) uint8 on ``volume``'s own grid; ``progress(done, total)`` slices."""
     spec = predictor.model.spec
-    wanted = spec.network.in_channels
+    wanted = spec.image_channels
     if volume.channels != wanted:
         raise ScanError(
             volume.source,
@@ -69,7 +71,7 @@ def segment_volume(volume: Volume, predictor: SlicePredictor) -> np.ndarray:
         )
     transforms = build_transforms(spec, load=False, resample=False)
     image = transforms({"image": volume_to_metatensor(volume)})["image"]
-    labels = predictor.predict(image)
+    labels = predictor.predict(image, progress)
     restored = to_original_grid(labels, image, transforms)
     back = Geometry.from_affine_ras(image.meta["original_affine"], restored.shape)
     problem = volume.geometry.mismatch(back)
@@ -83,13 +85,17 @@ def output_path(source: Path, out_dir: Path) -> Path:
 
 
 def segment_scan(
-    source: str | Path, predictor: SlicePredictor, out_dir: Path, series_uid: str | None = None
+    source: str | Path,
+    predictor: SlicePredictor,
+    out_dir: Path,
+    series_uid: str | None = None,
+    progress: Progress | None = None,
 ) -> SegmentResult:
     """Segment the scan at ``source`` and write ``out_dir/<name>.nii.gz`` on its grid."""
     start = time.perf_counter()
     source = Path(source)
     volume = read_scan(source, series_uid=series_uid)
-    labels = segment_volume(volume, predictor)
+    labels = segment_volume(volume, predictor, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     output = write_nifti_labels(labels, volume.geometry, output_path(source, out_dir))
     values, counts = np.unique(labels, return_counts=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from helpers import (
+    ThresholdNet,
     make_geometry,
     phantom,
     rotation,
@@ -122,3 +123,30 @@ def test_in_plane_resampling_keeps_grid_and_accuracy(tmp_path):
         a, b = out == label, expected == label
         dice = 2 * (a & b).sum() / (a.sum() + b.sum())
         assert dice > 0.9, f"label {label}: Dice {dice:.3f}"
+
+
+class ContextThresholdNet(ThresholdNet):
+    """Thresholds the middle of 2k+1 context channels: proves the centre channel is the slice."""
+
+    def __init__(self, low: float, high: float, context: int) -> None:
+        super().__init__(low, high)
+        self.context = context
+
+    def forward(self, x):
+        return super().forward(x[:, self.context : self.context + 1])
+
+
+def test_context_slices_feed_centre_slice_in_the_middle(tmp_path):
+    from dataclasses import replace
+
+    from medseg.model import Model
+    from medseg.spec import NetworkSpec
+
+    geometry = make_geometry((19, 14, 9), direction=DIRECTIONS["oblique"])
+    array = phantom(geometry.shape)
+    path = write_nifti(tmp_path / "scan.nii.gz", array, geometry)
+    base = threshold_model(LOW, HIGH, slice_axis="coronal")
+    spec = replace(base.spec, context_slices=2, network=NetworkSpec(in_channels=5, out_channels=3))
+    model = Model(spec=spec, network=ContextThresholdNet(LOW, HIGH, 2), folder=base.folder)
+    result = segment_scan(path, SlicePredictor(model), tmp_path / "out")
+    _check_output(result, geometry, threshold_labels(array, LOW, HIGH))
