@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("monai").setLevel(logging.ERROR)
 
     shape = (512, 512, args.slices)
     geometry = Geometry(
