@@ -2,7 +2,7 @@
 
 Heavy imports (torch, MONAI) happen after parsing so ``medseg --help`` answers at once.
 Exit status: 0 success, 2 bad input or arguments (the message says which file and why),
-1 an unexpected internal error.
+3 when some of several scans failed (the others were written), 1 an unexpected internal error.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ logger = logging.getLogger("medseg")
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
+EXIT_SOME_FAILED = 3
 
 
 def _positive_int(text: str) -> int:
@@ -52,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser(
         "segment", help="segment one scan (NIfTI, NRRD, MHA file or DICOM series folder)"
     )
-    seg.add_argument("input", type=Path, help="scan file or DICOM series folder")
+    seg.add_argument("inputs", type=Path, nargs="+", help="scan files or DICOM series folders")
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     seg.add_argument(
-        "--model", type=Path, required=True, help="model folder (model.json + weights)"
+        "--model", type=Path, help="model folder (default: the bundled hippocampus-mr model)"
     )
     seg.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     seg.add_argument(
@@ -88,8 +89,36 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--name", default="medseg-model")
     init.add_argument("--seed", type=int, default=0)
 
-    info = sub.add_parser("info", help="describe a model folder: labels, preset, network")
-    info.add_argument("model", type=Path)
+    info = sub.add_parser("info", help="describe a model folder, or list the bundled models")
+    info.add_argument("model", type=Path, nargs="?", help="model folder (default: all bundled)")
+
+    man = sub.add_parser("manifest", help="build a dataset manifest (MONAI datalist JSON)")
+    man.add_argument("data_dir", type=Path, help="MSD folder (dataset.json) or images/ + labels/")
+    man.add_argument("-o", "--output", type=Path, required=True, help="manifest JSON to write")
+    man.add_argument("--val-fraction", type=float, default=0.2)
+    man.add_argument("--seed", type=int, default=0)
+
+    tr = sub.add_parser("train", help="train a model folder from a manifest")
+    tr.add_argument("--manifest", type=Path, required=True)
+    tr.add_argument("-o", "--output", type=Path, required=True, help="run folder")
+    tr.add_argument("--config", type=Path, help="JSON or YAML training configuration")
+    tr.add_argument("--data-root", type=Path, help="resolve manifest paths against this folder")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's checkpoint"
+    )
+    tr.add_argument(
+        "--nproc", type=_positive_int, default=1, help="data-parallel processes (CPU: gloo)"
+    )
+
+    ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and surface Dice of predictions")
+    ev.add_argument(
+        "--pred", type=Path, required=True, help="folder of predictions (medseg segment output)"
+    )
+    ev.add_argument("--manifest", type=Path, required=True)
+    ev.add_argument("--split", default="validation", choices=("training", "validation", "test"))
+    ev.add_argument("-o", "--output", type=Path, required=True, help="report folder")
+    ev.add_argument("--tolerance-mm", type=float, default=1.0, help="surface Dice tolerance")
+    ev.add_argument("--data-root", type=Path)
     return parser
 
 
@@ -134,13 +163,31 @@ def _run_segment(args: argparse.Namespace) -> int:
     options = InferenceOptions(
         device=args.device, batch_size=args.batch_size, precision=args.precision
     )
-    predictor = SlicePredictor(load_model(args.model), options)
-    with _SliceProgress(args.input.name) as progress:
-        result = segment_scan(args.input, predictor, args.output, args.series_uid, progress)
+    from medseg.bundled import default_model_dir
+    from medseg.errors import ScanError
+
+    model_dir = args.model or default_model_dir()
+    predictor = SlicePredictor(load_model(model_dir), options)  # loaded once for all scans
     names = {lab.value: lab.name for lab in predictor.model.spec.labels}
-    found = ", ".join(f"{names.get(v, v)}: {n} voxels" for v, n in result.label_counts.items() if v)
-    print(f"{result.output}  ({result.seconds:.1f} s; {found or 'no foreground found'})")
-    return EXIT_OK
+    failed = []
+    for source in args.inputs:
+        try:
+            with _SliceProgress(source.name) as progress:
+                result = segment_scan(source, predictor, args.output, args.series_uid, progress)
+        except ScanError as err:  # one bad scan never stops the others
+            logger.error("error: %s", err)
+            failed.append(source)
+            continue
+        found = ", ".join(
+            f"{names.get(v, v)}: {n} voxels" for v, n in result.label_counts.items() if v
+        )
+        print(f"{result.output}  ({result.seconds:.1f} s; {found or 'no foreground found'})")
+    if failed and len(args.inputs) > 1:
+        logger.error(
+            "%d of %d scans failed: %s", len(failed), len(args.inputs), ", ".join(map(str, failed))
+        )
+        return EXIT_SOME_FAILED
+    return EXIT_USAGE if failed else EXIT_OK
 
 
 def _run_init_model(args: argparse.Namespace) -> int:
@@ -168,9 +215,24 @@ def _run_init_model(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from medseg.bundled import DEFAULT_MODEL, bundled_models
+
+    if args.model is not None:
+        _describe_model(args.model)
+        return EXIT_OK
+    models = bundled_models()
+    if not models:
+        print("no bundled models; pass a model folder")
+    for name, folder in models.items():
+        print(f"{name}{' (default)' if name == DEFAULT_MODEL else ''}: {folder}")
+        _describe_model(folder)
+    return EXIT_OK
+
+
+def _describe_model(folder: Path) -> None:
     from medseg.model import load_spec
 
-    spec = load_spec(args.model)
+    spec = load_spec(folder)
     net = spec.network
     print(
         f"{spec.name}: {net.name} in={net.in_channels} base={net.base_channels} depth={net.depth}"
@@ -182,10 +244,67 @@ def _run_info(args: argparse.Namespace) -> int:
     )
     for lab in spec.labels:
         print(f"  {lab.value:3d} {lab.name:24s} rgb{lab.color}")
+    dice = spec.provenance.get("validation_dice")
+    if dice:
+        print("  validation Dice: " + ", ".join(f"{k} {v:.4f}" for k, v in dice.items()))
+
+
+def _run_manifest(args: argparse.Namespace) -> int:
+    from medseg.data.manifest import build_manifest, load_manifest
+
+    content = build_manifest(args.data_dir, args.output, args.val_fraction, args.seed)
+    load_manifest(args.output)  # validate what was written: every problem at once
+    print(
+        f"wrote {args.output}: {len(content['training'])} training, "
+        f"{len(content['validation'])} validation cases"
+    )
     return EXIT_OK
 
 
-COMMANDS = {"segment": _run_segment, "init-model": _run_init_model, "info": _run_info}
+def _train_worker(args: argparse.Namespace) -> None:
+    """One training process (also the body of each --nproc worker)."""
+    from medseg.training.config import TrainConfig
+    from medseg.training.trainer import train
+
+    _configure_logging(args.verbose)
+    config = TrainConfig.load(args.config) if args.config else TrainConfig()
+    result = train(config, args.manifest, args.output, resume=args.resume, data_root=args.data_root)
+    if result.best_epoch > 0:
+        dice = ", ".join(f"{k} {v:.4f}" for k, v in result.best_dice.items())
+        logger.info(
+            "model folder %s (best epoch %d: Dice %s)", result.model_dir, result.best_epoch, dice
+        )
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1:
+        from medseg.training.distributed import spawn
+
+        spawn(_train_worker, args.nproc, args)
+    else:
+        _train_worker(args)
+    return EXIT_OK
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from medseg.evaluation.report import evaluate
+
+    result = evaluate(
+        args.pred, args.manifest, args.output, args.split, args.tolerance_mm, args.data_root
+    )
+    print((args.output / "summary.md").read_text())
+    print(f"report in {args.output}")
+    return EXIT_OK if not result.problems else EXIT_SOME_FAILED
+
+
+COMMANDS = {
+    "segment": _run_segment,
+    "init-model": _run_init_model,
+    "info": _run_info,
+    "manifest": _run_manifest,
+    "train": _run_train,
+    "evaluate": _run_evaluate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,3 +167,34 @@ def write_dicom_series(
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_msd_dataset(root: Path, n_cases: int = 6, shape=(20, 24, 16), seed: int = 0) -> Path:
+    """A tiny Medical Segmentation Decathlon folder: bright blobs labelled 1 (left half) and
+    2 (right half) on noise, NIfTI with 1 mm identity affines, plus dataset.json."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    geometry = make_geometry(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.diag([-1.0, -1.0, 1.0]))
+    training = []
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    for i in range(n_cases):
+        c = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
+        r = rng.uniform(4, 6)
+        blob = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 < r**2
+        label = np.where(blob, np.where(y < c[1], 1, 2), 0).astype(np.float32)
+        image = (rng.normal(100, 10, shape) + 200 * blob + 80 * (label == 2)).astype(np.float32)
+        name = f"case_{i:03d}.nii.gz"
+        write_nifti(root / "imagesTr" / name, image, geometry)
+        write_nifti(root / "labelsTr" / name, label, geometry)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {
+        "name": "Blobs",
+        "labels": {"0": "background", "1": "left", "2": "right"},
+        "modality": {"0": "MRI"},
+        "training": training,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root

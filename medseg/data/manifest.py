@@ -1,0 +1,236 @@
+"""Dataset manifests: MONAI datalist JSON (``training``/``validation``/``test`` lists of
+``{"image": ..., "label": ...}``) plus MSD ``labels`` and ``modality``.
+
+Paths are relative to the manifest's folder (as ``monai.data.load_decathlon_datalist``
+resolves them) or to a ``data_root`` given when loading. Splits are made by subject (one
+case = one subject's scan), never by slice, so no subject is on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MedsegError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("training", "validation", "test")
+
+
+class ManifestError(MedsegError):
+    """A manifest that cannot be used; lists every problem found, each with its case."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        listing = "\n  ".join(problems)
+        super().__init__(f"{path}: {len(problems)} problem(s):\n  {listing}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One subject's scan and (for training and validation) its label map."""
+
+    id: str
+    image: Path
+    label: Path | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    labels: dict[int, str]
+    modality: dict[str, str]
+    splits: dict[str, tuple[Case, ...]] = field(default_factory=dict)
+    name: str = ""
+
+    def cases(self, split: str) -> tuple[Case, ...]:
+        if split not in SPLITS:
+            raise MedsegError(f"unknown split {split!r}; choose one of {SPLITS}")
+        return self.splits.get(split, ())
+
+
+def case_id(path: Path) -> str:
+    """The subject id of a scan file: its name without scan suffixes."""
+    from medseg.io.readers import scan_name
+
+    return scan_name(path)
+
+
+def split_cases(ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded shuffle of the sorted ids; the last ``val_fraction`` become validation.
+
+    Sorting first makes the split independent of file-system listing order.
+    """
+    if not 0 <= val_fraction < 1:
+        raise MedsegError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    order = sorted(ids)
+    np.random.default_rng(seed).shuffle(order)
+    n_val = round(len(order) * val_fraction)
+    return sorted(order[: len(order) - n_val]), sorted(order[len(order) - n_val :])
+
+
+def _pairs_from_msd(data_dir: Path) -> tuple[list[tuple[Path, Path]], dict[str, Any]]:
+    meta = json.loads((data_dir / "dataset.json").read_text())
+    pairs = []
+    for item in meta.get("training", []):
+        # MSD dataset.json paths start with "./"; resolve them against the dataset folder.
+        pairs.append((data_dir / item["image"], data_dir / item["label"]))
+    if not pairs:
+        labels_dir = data_dir / "labelsTr"
+        pairs = [(p, labels_dir / p.name) for p in sorted((data_dir / "imagesTr").glob("*.nii*"))]
+    return pairs, meta
+
+
+def _pairs_from_folders(data_dir: Path) -> list[tuple[Path, Path]]:
+    from medseg.io.readers import scan_suffix
+
+    images = next(
+        (data_dir / n for n in ("images", "imagesTr", "image") if (data_dir / n).is_dir()), None
+    )
+    labels = next(
+        (data_dir / n for n in ("labels", "labelsTr", "label") if (data_dir / n).is_dir()), None
+    )
+    if images is None or labels is None:
+        raise MedsegError(
+            f"{data_dir}: neither an MSD folder (dataset.json, imagesTr/, labelsTr/) nor paired "
+            "images/ and labels/ folders; arrange the data in one of those layouts"
+        )
+    by_id = {case_id(p): p for p in sorted(labels.iterdir()) if scan_suffix(p)}
+    return [
+        (p, by_id.get(case_id(p), labels / p.name))
+        for p in sorted(images.iterdir())
+        if scan_suffix(p)
+    ]
+
+
+def build_manifest(
+    data_dir: Path, output: Path, val_fraction: float = 0.2, seed: int = 0
+) -> dict[str, Any]:
+    """Write a manifest for an MSD folder or paired image/label folders; return its content."""
+    data_dir = Path(data_dir)
+    if (data_dir / "dataset.json").is_file():
+        pairs, meta = _pairs_from_msd(data_dir)
+    else:
+        pairs, meta = _pairs_from_folders(data_dir), {}
+    by_id = {case_id(image): (image, label) for image, label in pairs}
+    train_ids, val_ids = split_cases(list(by_id), val_fraction, seed)
+    base = output.resolve().parent
+
+    def entry(cid: str) -> dict[str, str]:
+        image, label = by_id[cid]
+        return {"image": _relative(image, base), "label": _relative(label, base)}
+
+    content = {
+        "name": meta.get("name", data_dir.name),
+        "description": meta.get("description", ""),
+        "labels": meta.get("labels", {"0": "background"}),
+        "modality": meta.get("modality", {}),
+        "split": {
+            "rule": "seeded shuffle (numpy default_rng) of the sorted case ids; the last "
+            "val_fraction of the shuffled list is validation; one case per subject",
+            "seed": seed,
+            "val_fraction": val_fraction,
+        },
+        "training": [entry(c) for c in train_ids],
+        "validation": [entry(c) for c in val_ids],
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(content, indent=1) + "\n")
+    return content
+
+
+def _relative(path: Path, base: Path) -> str:
+    import os
+
+    return os.path.relpath(path.resolve(), base)
+
+
+def load_manifest(path: str | Path, data_root: Path | None = None, check: bool = True) -> Manifest:
+    """Read a manifest; with ``check``, validate every case and report all problems at once.
+
+    Checks: files exist, no case listed twice, image and label share shape and affine, label
+    values lie among the declared labels.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(path, [f"cannot be read as JSON ({err})"]) from err
+    base = Path(data_root) if data_root is not None else path.resolve().parent
+    problems: list[str] = []
+    labels = {int(k): str(v) for k, v in raw.get("labels", {}).items()}
+    if not labels:
+        problems.append('no \'labels\' mapping (MSD style: {"0": "background", ...})')
+    splits: dict[str, tuple[Case, ...]] = {}
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        cases = []
+        for i, item in enumerate(raw.get(split, [])):
+            if isinstance(item, str):  # MSD "test" lists plain paths
+                item = {"image": item}
+            image = _resolve(base, item["image"])
+            label = _resolve(base, item["label"]) if item.get("label") else None
+            cid = case_id(image)
+            if cid in seen:
+                problems.append(f"case {cid}: listed twice ({seen[cid]} and {split}[{i}])")
+            seen[cid] = f"{split}[{i}]"
+            cases.append(Case(cid, image, label))
+        splits[split] = tuple(cases)
+    if check:
+        for split, cases in splits.items():
+            for case in cases:
+                problems += _check_case(case, split, labels)
+    if problems:
+        raise ManifestError(path, problems)
+    return Manifest(
+        path=path,
+        labels=labels,
+        modality={str(k): str(v) for k, v in raw.get("modality", {}).items()},
+        splits=splits,
+        name=str(raw.get("name", "")),
+    )
+
+
+def _resolve(base: Path, relative: str) -> Path:
+    """``base / relative`` with ".." collapsed (as MONAI resolves datalist paths)."""
+    import os
+
+    return Path(os.path.normpath(base / relative))
+
+
+def _check_case(case: Case, split: str, labels: dict[int, str]) -> list[str]:
+    import nibabel as nib
+
+    problems = []
+    missing = [p for p in (case.image, case.label) if p is not None and not p.is_file()]
+    for p in missing:
+        problems.append(f"case {case.id} ({split}): file {p} is missing")
+    if missing or case.label is None:
+        if case.label is None and split != "test":
+            problems.append(f"case {case.id} ({split}): has no label")
+        return problems
+    try:
+        image, label = nib.load(str(case.image)), nib.load(str(case.label))
+        values = np.unique(np.asarray(label.dataobj))
+    except Exception as err:  # nibabel raises many types for broken files
+        return [f"case {case.id} ({split}): cannot be read ({type(err).__name__}: {err})"]
+    if image.shape[:3] != label.shape[:3]:
+        problems.append(
+            f"case {case.id} ({split}): image shape {image.shape} != label {label.shape}"
+        )
+    elif not np.allclose(image.affine, label.affine, atol=1e-3):
+        problems.append(f"case {case.id} ({split}): image and label affines differ")
+    unexpected = [v for v in values.tolist() if v not in labels or v != int(v)]
+    if unexpected:
+        problems.append(
+            f"case {case.id} ({split}): label values {unexpected} are not among the declared "
+            f"labels {sorted(labels)}"
+        )
+    return problems

@@ -1,0 +1,1 @@
+"""Training: configuration, 2D slice data, augmentation, the trainer and DDP set-up."""
