@@ -9,30 +9,25 @@ class MedsegError(Exception):
     """Base class of errors medseg reports to users (the CLI exits non-zero with the message)."""
 
 
-class ScanError(MedsegError):
+class FileProblem(MedsegError):
+    """A problem with one file or folder: ``path``, what is wrong, and what to do."""
+
+    def __init__(self, path: str | Path, problem: str, hint: str = "") -> None:
+        self.path = Path(path)
+        self.problem = problem
+        self.hint = hint
+        text = f"{self.path}: {problem}"
+        if hint:
+            text += f" ({hint})"
+        super().__init__(text)
+
+
+class ScanError(FileProblem):
     """A scan cannot be read or used: unreadable, wrong dimensionality, bad DICOM series..."""
 
-    def __init__(self, path: str | Path, problem: str, hint: str = "") -> None:
-        self.path = Path(path)
-        self.problem = problem
-        self.hint = hint
-        text = f"{self.path}: {problem}"
-        if hint:
-            text += f" ({hint})"
-        super().__init__(text)
 
-
-class ModelError(MedsegError):
+class ModelError(FileProblem):
     """A model folder is missing, incomplete or does not match its specification."""
-
-    def __init__(self, path: str | Path, problem: str, hint: str = "") -> None:
-        self.path = Path(path)
-        self.problem = problem
-        self.hint = hint
-        text = f"{self.path}: {problem}"
-        if hint:
-            text += f" ({hint})"
-        super().__init__(text)
 
 
 class ConfigError(MedsegError):

@@ -6,7 +6,6 @@ Weights are safetensors (preferred) or a plain PyTorch state dict loaded with
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from medseg.errors import ConfigError, ModelError
+from medseg.io.files import file_digest
 from medseg.networks import build_network
 from medseg.spec import ModelSpec
 
@@ -37,14 +37,6 @@ class Model:
         return self.spec.weights_sha256 or ""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
     """Write ``network``'s weights (safetensors) and ``model.json`` to ``folder``.
 
@@ -53,7 +45,7 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
     """
     from safetensors.torch import save_file
 
-    from medseg.io.atomic import atomic_path
+    from medseg.io.files import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "weights.safetensors"
@@ -65,7 +57,7 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
         **spec.provenance,
     }
     saved = replace(
-        spec, weights=weights.name, weights_sha256=file_sha256(weights), provenance=provenance
+        spec, weights=weights.name, weights_sha256=file_digest(weights), provenance=provenance
     )
     with atomic_path(folder / SPEC_FILE) as tmp:
         saved.save(tmp)
@@ -125,7 +117,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
             "is missing (model.json names it as the weights file)",
             "re-copy the model folder",
         )
-    if spec.weights_sha256 and file_sha256(weights) != spec.weights_sha256:
+    if spec.weights_sha256 and file_digest(weights) != spec.weights_sha256:
         raise ModelError(
             weights,
             "does not match the checksum in model.json (changed or corrupted after saving)",

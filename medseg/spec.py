@@ -58,6 +58,7 @@ class ModelSpec:
     of the resampled slice) run whole; larger slices use a sliding window of that size.
     ``context_slices`` k feeds each slice with its k neighbours on either side as extra
     channels (2.5D): ``network.in_channels`` is then the scan's channels times 2k+1.
+    ``postprocess`` "largest_component" keeps each label's largest 3D component.
     """
 
     labels: tuple[LabelSpec, ...]
@@ -67,6 +68,7 @@ class ModelSpec:
     spacing: tuple[float, float] | None = None
     window: tuple[int, int] = (512, 512)
     context_slices: int = 0
+    postprocess: str = "none"
     weights: str = "weights.safetensors"
     weights_sha256: str | None = None
     name: str = "medseg-model"
@@ -92,6 +94,8 @@ class ModelSpec:
                 raise ConfigError(f"label {lab.name!r}: colour must be 3 ints 0..255")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.postprocess not in ("none", "largest_component"):
+            raise ConfigError(f"unknown postprocess {self.postprocess!r}; choose none or largest_component")
         if self.slice_axis not in SLICE_AXES:
             raise ConfigError(f"unknown slice_axis {self.slice_axis!r}; choose one of {SLICE_AXES}")
         multiple = 2**self.network.depth

@@ -7,7 +7,6 @@ to download by hand and where to put it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import tarfile
@@ -16,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.io.files import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +30,7 @@ class DownloadError(MedsegError):
 
 
 def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def fetch_task04(

@@ -14,6 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from medseg.errors import ScanError
+from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import Progress, SlicePredictor
 from medseg.io.monai_reader import volume_to_metatensor
 from medseg.io.readers import read_scan, scan_name
@@ -72,6 +73,7 @@ def segment_volume(
     transforms = build_transforms(spec, load=False, resample=False)
     image = transforms({"image": volume_to_metatensor(volume)})["image"]
     labels = predictor.predict(image, progress)
+    labels = postprocess(labels, spec.postprocess, spec.label_values[1:])
     restored = to_original_grid(labels, image, transforms)
     back = Geometry.from_affine_ras(image.meta["original_affine"], restored.shape)
     problem = volume.geometry.mismatch(back)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.io.atomic import atomic_path
+from medseg.io.files import atomic_path
 from medseg.io.volume import Geometry
 
 NIFTI_XFORM_SCANNER_ANAT = 1

@@ -325,7 +325,7 @@ def _train(
                 "best_dice": best_dice,
                 "history": history,
             }
-            from medseg.io.atomic import atomic_path
+            from medseg.io.files import atomic_path
 
             with atomic_path(checkpoint) as tmp:
                 torch.save(state, tmp)

@@ -150,3 +150,21 @@ def test_context_slices_feed_centre_slice_in_the_middle(tmp_path):
     model = Model(spec=spec, network=ContextThresholdNet(LOW, HIGH, 2), folder=base.folder)
     result = segment_scan(path, SlicePredictor(model), tmp_path / "out")
     _check_output(result, geometry, threshold_labels(array, LOW, HIGH))
+
+
+def test_largest_component_postprocess_removes_islands(tmp_path):
+    from dataclasses import replace
+
+    from medseg.model import Model
+
+    geometry = make_geometry((30, 26, 12))
+    array = np.zeros(geometry.shape, np.float32)
+    array[5:15, 5:15, 2:8] = 100  # the structure (label 1)
+    array[25:27, 20:22, 10:11] = 100  # a stray island of label 1
+    path = write_nifti(tmp_path / "scan.nii.gz", array, geometry)
+    base = threshold_model(LOW, HIGH)
+    model = Model(replace(base.spec, postprocess="largest_component"), base.network, base.folder)
+    out = nib.load(str(segment_scan(path, SlicePredictor(model), tmp_path / "out").output)).get_fdata()
+    assert out[5:15, 5:15, 2:8].min() == 1 and out[25:27, 20:22, 10:11].max() == 0
+    plain = nib.load(str(segment_scan(path, SlicePredictor(base), tmp_path / "plain").output)).get_fdata()
+    assert plain[25:27, 20:22, 10:11].min() == 1  # the control: without it the island stays

@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 from helpers import make_geometry, rotation
 
-from medseg.io.atomic import atomic_path
+from medseg.io.files import atomic_path
 from medseg.io.volume import Geometry
 from medseg.io.writers import write_nifti_labels
 

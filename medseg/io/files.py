@@ -1,4 +1,4 @@
-"""Write files under a temporary name in the target folder, then rename into place.
+"""File helpers: atomic writes (temporary name, then rename) and checksums.
 
 A killed or failing run therefore never leaves a truncated file under the final name.
 """
@@ -25,3 +25,14 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of the file at ``path`` (read in 1 MiB blocks)."""
+    import hashlib
+
+    digest = hashlib.new(algorithm)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
