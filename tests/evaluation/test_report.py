@@ -1,0 +1,57 @@
+"""medseg evaluate: per-case metrics, summaries, and every problem reported for its case."""
+
+import csv
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+from helpers import write_msd_dataset
+
+from medseg.cli import main
+from medseg.data.manifest import build_manifest
+
+
+def test_evaluate_reports_metrics_and_problems(tmp_path):
+    write_msd_dataset(tmp_path / "Task99", n_cases=6)
+    manifest = tmp_path / "m.json"
+    build_manifest(tmp_path / "Task99", manifest, val_fraction=0.5, seed=0)
+    cases = [item["label"] for item in json.loads(manifest.read_text())["validation"]]
+    labels = [(manifest.parent / c).resolve() for c in cases]
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    shutil.copy(labels[0], pred / labels[0].name)  # perfect prediction
+    img = nib.load(str(labels[1]))  # wrong grid: shifted origin
+    affine = img.affine.copy()
+    affine[0, 3] += 3
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), str(pred / labels[1].name))
+    # labels[2]: no prediction at all
+
+    out = tmp_path / "report"
+    code = main(["evaluate", "--pred", str(pred), "--manifest", str(manifest), "-o", str(out)])
+    assert code == 3
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert {r["label"] for r in rows} == {"left", "right"}
+    assert all(float(r["dice"]) == 1.0 and float(r["hd95_mm"]) == 0.0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    problems = "\n".join(summary["problems"])
+    assert "on another grid" in problems and labels[1].name.split(".")[0] in problems
+    assert "is missing" in problems and labels[2].name.split(".")[0] in problems
+    assert summary["labels"]["left"]["dice_mean"] == 1.0
+    assert (out / "dice_boxplot.png").stat().st_size > 1000
+    assert "| left | 1 | 1.0000" in (out / "summary.md").read_text()
+
+
+def test_unexpected_label_values_are_reported(tmp_path):
+    write_msd_dataset(tmp_path / "Task99", n_cases=2)
+    manifest = tmp_path / "m.json"
+    build_manifest(tmp_path / "Task99", manifest, val_fraction=0.5, seed=0)
+    label = (manifest.parent / json.loads(manifest.read_text())["validation"][0]["label"]).resolve()
+    img = nib.load(str(label))
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 9
+    (tmp_path / "pred").mkdir()
+    nib.save(nib.Nifti1Image(data, img.affine), str(tmp_path / "pred" / label.name))
+    code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--manifest", str(manifest), "-o", str(tmp_path / "r")])
+    assert code == 3
+    assert "label values [9]" in json.loads((tmp_path / "r" / "summary.json").read_text())["problems"][0]
