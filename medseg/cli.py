@@ -50,14 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    seg = sub.add_parser(
-        "segment", help="segment one scan (NIfTI, NRRD, MHA file or DICOM series folder)"
-    )
+    seg = sub.add_parser("segment", help="segment one scan (NIfTI, NRRD, MHA file or DICOM series folder)")
     seg.add_argument("inputs", type=Path, nargs="+", help="scan files or DICOM series folders")
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    seg.add_argument(
-        "--model", type=Path, help="model folder (default: the bundled hippocampus-mr model)"
-    )
+    seg.add_argument("--model", type=Path, help="model folder (default: the bundled hippocampus-mr model)")
     seg.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     seg.add_argument(
         "--batch-size",
@@ -66,26 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="slices per network call (default: by size)",
     )
     seg.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    seg.add_argument(
-        "--series-uid", help="which series to segment when a DICOM folder holds several"
-    )
+    seg.add_argument("--series-uid", help="which series to segment when a DICOM folder holds several")
 
     init = sub.add_parser("init-model", help="write an untrained model folder")
     init.add_argument("-o", "--output", type=Path, required=True, help="model folder to create")
     init.add_argument("--labels", required=True, help="comma-separated names, background first")
-    init.add_argument(
-        "--preset", default="mr", help="intensity preset (mr, ct_abdomen, ct_lung, ...)"
-    )
+    init.add_argument("--preset", default="mr", help="intensity preset (mr, ct_abdomen, ct_lung, ...)")
     init.add_argument("--base-channels", type=_positive_int, default=64)
     init.add_argument("--depth", type=_positive_int, default=4)
     init.add_argument("--in-channels", type=_positive_int, default=1)
     init.add_argument("--slice-axis", choices=SLICE_AXES, default="axial")
-    init.add_argument(
-        "--spacing", type=_pair(float), default=None, help="target in-plane mm, e.g. 1.0,1.0"
-    )
-    init.add_argument(
-        "--window", type=_pair(int), default=(512, 512), help="largest whole slice, e.g. 256,256"
-    )
+    init.add_argument("--spacing", type=_pair(float), default=None, help="target in-plane mm, e.g. 1.0,1.0")
+    init.add_argument("--window", type=_pair(int), default=(512, 512), help="largest whole slice, e.g. 256,256")
     init.add_argument("--name", default="medseg-model")
     init.add_argument("--seed", type=int, default=0)
 
@@ -103,17 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-o", "--output", type=Path, required=True, help="run folder")
     tr.add_argument("--config", type=Path, help="JSON or YAML training configuration")
     tr.add_argument("--data-root", type=Path, help="resolve manifest paths against this folder")
-    tr.add_argument(
-        "--resume", action="store_true", help="continue from the run folder's checkpoint"
-    )
-    tr.add_argument(
-        "--nproc", type=_positive_int, default=1, help="data-parallel processes (CPU: gloo)"
-    )
+    tr.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    tr.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes (CPU: gloo)")
 
     ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and surface Dice of predictions")
-    ev.add_argument(
-        "--pred", type=Path, required=True, help="folder of predictions (medseg segment output)"
-    )
+    ev.add_argument("--pred", type=Path, required=True, help="folder of predictions (medseg segment output)")
     ev.add_argument("--manifest", type=Path, required=True)
     ev.add_argument("--split", default="validation", choices=("training", "validation", "test"))
     ev.add_argument("-o", "--output", type=Path, required=True, help="report folder")
@@ -157,17 +139,15 @@ class _SliceProgress:
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from medseg.inference import InferenceOptions, SlicePredictor, segment_scan
+    from medseg.inference import InferenceOptions, make_predictor, segment_scan
     from medseg.model import load_model
 
-    options = InferenceOptions(
-        device=args.device, batch_size=args.batch_size, precision=args.precision
-    )
+    options = InferenceOptions(device=args.device, batch_size=args.batch_size, precision=args.precision)
     from medseg.bundled import default_model_dir
     from medseg.errors import ScanError
 
     model_dir = args.model or default_model_dir()
-    predictor = SlicePredictor(load_model(model_dir), options)  # loaded once for all scans
+    predictor = make_predictor(load_model(model_dir), options)  # loaded once for all scans
     names = {lab.value: lab.name for lab in predictor.model.spec.labels}
     failed = []
     for source in args.inputs:
@@ -178,14 +158,10 @@ def _run_segment(args: argparse.Namespace) -> int:
             logger.error("error: %s", err)
             failed.append(source)
             continue
-        found = ", ".join(
-            f"{names.get(v, v)}: {n} voxels" for v, n in result.label_counts.items() if v
-        )
+        found = ", ".join(f"{names.get(v, v)}: {n} voxels" for v, n in result.label_counts.items() if v)
         print(f"{result.output}  ({result.seconds:.1f} s; {found or 'no foreground found'})")
     if failed and len(args.inputs) > 1:
-        logger.error(
-            "%d of %d scans failed: %s", len(failed), len(args.inputs), ", ".join(map(str, failed))
-        )
+        logger.error("%d of %d scans failed: %s", len(failed), len(args.inputs), ", ".join(map(str, failed)))
         return EXIT_SOME_FAILED
     return EXIT_USAGE if failed else EXIT_OK
 
@@ -234,9 +210,7 @@ def _describe_model(folder: Path) -> None:
 
     spec = load_spec(folder)
     net = spec.network
-    print(
-        f"{spec.name}: {net.name} in={net.in_channels} base={net.base_channels} depth={net.depth}"
-    )
+    print(f"{spec.name}: {net.name} in={net.in_channels} base={net.base_channels} depth={net.depth}")
     print(
         f"  preset {spec.preset}, slice axis {spec.slice_axis}, "
         f"spacing {spec.spacing or 'native'}, "
@@ -254,10 +228,7 @@ def _run_manifest(args: argparse.Namespace) -> int:
 
     content = build_manifest(args.data_dir, args.output, args.val_fraction, args.seed)
     load_manifest(args.output)  # validate what was written: every problem at once
-    print(
-        f"wrote {args.output}: {len(content['training'])} training, "
-        f"{len(content['validation'])} validation cases"
-    )
+    print(f"wrote {args.output}: {len(content['training'])} training, {len(content['validation'])} validation cases")
     return EXIT_OK
 
 
@@ -271,9 +242,7 @@ def _train_worker(args: argparse.Namespace) -> None:
     result = train(config, args.manifest, args.output, resume=args.resume, data_root=args.data_root)
     if result.best_epoch > 0:
         dice = ", ".join(f"{k} {v:.4f}" for k, v in result.best_dice.items())
-        logger.info(
-            "model folder %s (best epoch %d: Dice %s)", result.model_dir, result.best_epoch, dice
-        )
+        logger.info("model folder %s (best epoch %d: Dice %s)", result.model_dir, result.best_epoch, dice)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -289,9 +258,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from medseg.evaluation.report import evaluate
 
-    result = evaluate(
-        args.pred, args.manifest, args.output, args.split, args.tolerance_mm, args.data_root
-    )
+    result = evaluate(args.pred, args.manifest, args.output, args.split, args.tolerance_mm, args.data_root)
     print((args.output / "summary.md").read_text())
     print(f"report in {args.output}")
     return EXIT_OK if not result.problems else EXIT_SOME_FAILED

@@ -26,11 +26,13 @@ SPEC_FILE = "model.json"
 
 @dataclass(frozen=True)
 class Model:
-    """A network with its specification and the folder it came from."""
+    """A network with its specification and the folder it came from; for an ensemble,
+    ``network`` is None and ``members`` holds the member models."""
 
     spec: ModelSpec
-    network: nn.Module
+    network: nn.Module | None
     folder: Path
+    members: tuple[Model, ...] = ()
 
     @property
     def sha256(self) -> str:
@@ -56,9 +58,7 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **spec.provenance,
     }
-    saved = replace(
-        spec, weights=weights.name, weights_sha256=file_digest(weights), provenance=provenance
-    )
+    saved = replace(spec, weights=weights.name, weights_sha256=file_digest(weights), provenance=provenance)
     with atomic_path(folder / SPEC_FILE) as tmp:
         saved.save(tmp)
     return saved
@@ -67,13 +67,9 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
 def load_spec(folder: Path) -> ModelSpec:
     spec_path = folder / SPEC_FILE
     if not folder.is_dir():
-        raise ModelError(
-            folder, "is not a model folder", "create one with 'medseg init-model' or train one"
-        )
+        raise ModelError(folder, "is not a model folder", "create one with 'medseg init-model' or train one")
     if not spec_path.is_file():
-        raise ModelError(
-            spec_path, "is missing", "a model folder holds model.json and the weights it names"
-        )
+        raise ModelError(spec_path, "is missing", "a model folder holds model.json and the weights it names")
     try:
         return ModelSpec.load(spec_path)
     except ConfigError as err:
@@ -88,9 +84,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise ModelError(
-                path, f"is not a readable safetensors file ({err})", "re-copy the model"
-            ) from err
+            raise ModelError(path, f"is not a readable safetensors file ({err})", "re-copy the model") from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for pickled objects, RuntimeError for corrupt zips
@@ -110,6 +104,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
     """Load the model in ``folder`` in eval mode on ``device``; ModelError on any mismatch."""
     folder = Path(folder)
     spec = load_spec(folder)
+    if spec.members:
+        return _load_ensemble(folder, spec, device)
     weights = folder / spec.weights
     if not weights.is_file():
         raise ModelError(
@@ -149,6 +145,18 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
     network.load_state_dict(state)
     network.to(device).eval()
     return Model(spec=spec, network=network, folder=folder)
+
+
+def _load_ensemble(folder: Path, spec: ModelSpec, device: str | torch.device) -> Model:
+    members = tuple(load_model(folder / name, device) for name in spec.members)
+    for member in members:
+        if member.spec.labels != spec.labels or member.spec.preset != spec.preset:
+            raise ModelError(
+                member.folder / SPEC_FILE,
+                f"ensemble member disagrees with {folder / SPEC_FILE} on labels or preset",
+                "members must be trained for the same labels with the same intensity preset",
+            )
+    return Model(spec=spec, network=None, folder=folder, members=members)
 
 
 def init_model(folder: Path, spec: ModelSpec, seed: int = 0) -> ModelSpec:

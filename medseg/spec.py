@@ -59,6 +59,8 @@ class ModelSpec:
     ``context_slices`` k feeds each slice with its k neighbours on either side as extra
     channels (2.5D): ``network.in_channels`` is then the scan's channels times 2k+1.
     ``postprocess`` "largest_component" keeps each label's largest 3D component.
+    ``members`` names sub-folders holding model folders whose probabilities are averaged (an
+    ensemble, e.g. multi-view); the folder then has no weights of its own.
     """
 
     labels: tuple[LabelSpec, ...]
@@ -69,6 +71,7 @@ class ModelSpec:
     window: tuple[int, int] = (512, 512)
     context_slices: int = 0
     postprocess: str = "none"
+    members: tuple[str, ...] = ()
     weights: str = "weights.safetensors"
     weights_sha256: str | None = None
     name: str = "medseg-model"
@@ -94,24 +97,22 @@ class ModelSpec:
                 raise ConfigError(f"label {lab.name!r}: colour must be 3 ints 0..255")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if any(not m or "/" in m or "\\" in m or m.startswith(".") for m in self.members):
+            raise ConfigError(f"members must be plain sub-folder names, got {list(self.members)}")
         if self.postprocess not in ("none", "largest_component"):
             raise ConfigError(f"unknown postprocess {self.postprocess!r}; choose none or largest_component")
         if self.slice_axis not in SLICE_AXES:
             raise ConfigError(f"unknown slice_axis {self.slice_axis!r}; choose one of {SLICE_AXES}")
         multiple = 2**self.network.depth
         if len(self.window) != 2 or any(w <= 0 or w % multiple for w in self.window):
-            raise ConfigError(
-                f"window {self.window} must be two positive multiples of {multiple} (2**depth)"
-            )
+            raise ConfigError(f"window {self.window} must be two positive multiples of {multiple} (2**depth)")
         if self.context_slices < 0 or self.network.in_channels % (2 * self.context_slices + 1):
             raise ConfigError(
                 f"network.in_channels {self.network.in_channels} must be a multiple of "
                 f"2*context_slices+1 = {2 * self.context_slices + 1}"
             )
         if self.spacing is not None and (len(self.spacing) != 2 or min(self.spacing) <= 0):
-            raise ConfigError(
-                f"spacing must be two positive numbers (mm) or null, got {self.spacing}"
-            )
+            raise ConfigError(f"spacing must be two positive numbers (mm) or null, got {self.spacing}")
 
     @property
     def image_channels(self) -> int:
@@ -135,12 +136,8 @@ class ModelSpec:
         labels = []
         for item in data.pop("labels", []):
             _reject_unknown(LabelSpec, item, "model.json 'labels' entry")
-            labels.append(
-                LabelSpec(
-                    int(item["value"]), str(item["name"]), tuple(int(c) for c in item["color"])
-                )
-            )
-        for key in ("spacing", "window"):
+            labels.append(LabelSpec(int(item["value"]), str(item["name"]), tuple(int(c) for c in item["color"])))
+        for key in ("spacing", "window", "members"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
@@ -158,9 +155,7 @@ class ModelSpec:
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ConfigError(
-                f"{path}: not a valid model.json ({type(err).__name__}: {err})"
-            ) from err
+            raise ConfigError(f"{path}: not a valid model.json ({type(err).__name__}: {err})") from err
 
 
 def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:

@@ -50,7 +50,7 @@ def main() -> int:
     from medseg.bundled import default_model_dir
     from medseg.errors import MedsegError
     from medseg.evaluation.metrics import dice
-    from medseg.inference import SlicePredictor, segment_scan
+    from medseg.inference import make_predictor, segment_scan
     from medseg.io.readers import read_scan
     from medseg.model import load_model
 
@@ -62,7 +62,7 @@ def main() -> int:
     model = load_model(default_model_dir())
     trained = model.spec.provenance.get("trained", False)
     print(f"model: {model.folder} ({model.spec.name}, {'trained' if trained else 'UNTRAINED'})")
-    predictor = SlicePredictor(model)
+    predictor = make_predictor(model)
     out_dir = WORK / "output"
     failures = 0
     lines = []

@@ -46,12 +46,12 @@ def evaluate_variant(model_dir: Path, postprocess: str, work: Path) -> dict:
     """Segment the validation cases with ``model_dir`` (and ``postprocess``), evaluate."""
     from medseg.data.manifest import load_manifest
     from medseg.evaluation.report import evaluate
-    from medseg.inference import SlicePredictor, segment_scan
+    from medseg.inference import make_predictor, segment_scan
     from medseg.model import Model, load_model
 
     model = load_model(model_dir)
     model = Model(replace(model.spec, postprocess=postprocess), model.network, model.folder)
-    predictor = SlicePredictor(model)
+    predictor = make_predictor(model)
     pred_dir = work / f"pred-{postprocess}"
     seconds = 0.0
     cases = load_manifest(MANIFEST).cases("validation")

@@ -39,9 +39,7 @@ def _bad_files(tmp_path):
     (tmp_path / "zero.nii.gz").touch()
     (tmp_path / "text.nii").write_text("patient list\n")
     (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
-    nib.save(
-        nib.Nifti1Image(np.zeros((30, 20), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz")
-    )
+    nib.save(nib.Nifti1Image(np.zeros((30, 20), np.float32), np.eye(4)), str(tmp_path / "flat.nii.gz"))
     four = np.stack([phantom(geometry.shape)] * 2, axis=-1)
     write_nifti(tmp_path / "fourd.nii.gz", four, geometry)
     nan = np.full(geometry.shape, np.nan, np.float32)
@@ -68,12 +66,8 @@ def test_bad_scans_are_refused_clearly(tmp_path, tiny_model_dir, caplog, name, n
 
 def test_dicom_folder_with_several_series(tmp_path, tiny_model_dir, caplog):
     geometry = make_geometry((16, 16, 4))
-    write_dicom_series(
-        tmp_path / "study" / "s1", phantom(geometry.shape), geometry, description="T1"
-    )
-    write_dicom_series(
-        tmp_path / "study" / "s2", phantom(geometry.shape), geometry, description="T2"
-    )
+    write_dicom_series(tmp_path / "study" / "s1", phantom(geometry.shape), geometry, description="T1")
+    write_dicom_series(tmp_path / "study" / "s2", phantom(geometry.shape), geometry, description="T2")
     out = tmp_path / "out"
     code = _segment(tmp_path / "study", out, tiny_model_dir)
     _assert_refused(caplog, code, out, "study", "2 DICOM series", "'T1'", "'T2'", "--series-uid")
@@ -107,9 +101,7 @@ def test_weights_of_another_network(tmp_path, tiny_model_dir, scan, caplog):
     (model / "model.json").write_text(json.dumps(spec))
     out = tmp_path / "out"
     code = _segment(scan, out, model)
-    _assert_refused(
-        caplog, code, out, "weights.safetensors", "does not fit the network", "shape mismatch"
-    )
+    _assert_refused(caplog, code, out, "weights.safetensors", "does not fit the network", "shape mismatch")
 
 
 def test_corrupted_weights_fail_checksum(tmp_path, tiny_model_dir, scan, caplog):
@@ -124,9 +116,7 @@ def test_corrupted_weights_fail_checksum(tmp_path, tiny_model_dir, scan, caplog)
 def test_missing_model_json(tmp_path, scan, caplog):
     (tmp_path / "model").mkdir()
     out = tmp_path / "out"
-    _assert_refused(
-        caplog, _segment(scan, out, tmp_path / "model"), out, "model.json", "is missing"
-    )
+    _assert_refused(caplog, _segment(scan, out, tmp_path / "model"), out, "model.json", "is missing")
 
 
 def test_model_json_with_unknown_key(tmp_path, tiny_model_dir, scan, caplog):
@@ -146,9 +136,7 @@ def test_pickled_checkpoint_is_refused(tmp_path, tiny_model_dir, scan, caplog):
     (model / "model.json").write_text(json.dumps(spec))
     torch.save({"payload": PickledPayload()}, model / "weights.pt")
     out = tmp_path / "out"
-    _assert_refused(
-        caplog, _segment(scan, out, model), out, "weights.pt", "refused", "weights_only"
-    )
+    _assert_refused(caplog, _segment(scan, out, model), out, "weights.pt", "refused", "weights_only")
 
 
 class PickledPayload:
@@ -181,7 +169,38 @@ def test_init_model_and_info(tmp_path, capsys):
 
 
 def test_init_model_bad_preset(tmp_path, caplog):
-    code = main(
-        ["init-model", "-o", str(tmp_path / "m"), "--labels", "bg,fg", "--preset", "ct_liver"]
-    )
+    code = main(["init-model", "-o", str(tmp_path / "m"), "--labels", "bg,fg", "--preset", "ct_liver"])
     assert code != 0 and "unknown preset 'ct_liver'" in caplog.text
+
+
+def _ensemble_folder(tmp_path, member_labels=("background", "anterior", "posterior")):
+    from dataclasses import replace
+
+    from medseg.model import init_model
+    from medseg.spec import ModelSpec, NetworkSpec, labels_from_names
+
+    top = tmp_path / "ensemble"
+    base = ModelSpec(
+        labels=labels_from_names(["background", "anterior", "posterior"]),
+        network=NetworkSpec(out_channels=3, base_channels=4),
+        preset="mr",
+        window=(64, 64),
+    )
+    for i, axis in enumerate(("axial", "sagittal")):
+        labels = labels_from_names(list(member_labels)) if i == 1 else base.labels
+        init_model(top / f"view-{axis}", replace(base, slice_axis=axis, labels=labels), seed=i)
+    replace(base, members=("view-axial", "view-sagittal")).save(top / "model.json")
+    return top
+
+
+def test_ensemble_model_folder_segments(tmp_path, scan):
+    top = _ensemble_folder(tmp_path)
+    assert main(["segment", str(scan), "-o", str(tmp_path / "out"), "--model", str(top)]) == 0
+    assert (tmp_path / "out" / "scan.nii.gz").is_file()
+
+
+def test_ensemble_member_with_other_labels_is_refused(tmp_path, scan, caplog):
+    top = _ensemble_folder(tmp_path, member_labels=("background", "left", "right"))
+    out = tmp_path / "out"
+    code = main(["segment", str(scan), "-o", str(out), "--model", str(top)])
+    _assert_refused(caplog, code, out, "view-sagittal", "disagrees", "labels")

@@ -33,9 +33,7 @@ def md5sum(path: Path) -> str:
     return file_digest(path, "md5")
 
 
-def fetch_task04(
-    cache_dir: Path, url: str = TASK04_URL, md5: str = TASK04_MD5, timeout: float = 30
-) -> Path:
+def fetch_task04(cache_dir: Path, url: str = TASK04_URL, md5: str = TASK04_MD5, timeout: float = 30) -> Path:
     """The unpacked ``Task04_Hippocampus`` folder in ``cache_dir``, downloading it if needed."""
     folder = cache_dir / TASK04_FOLDER
     if (folder / "dataset.json").is_file():
@@ -60,9 +58,7 @@ def fetch_task04(
         got = md5sum(partial)
         if got != md5:
             partial.unlink(missing_ok=True)
-            raise DownloadError(
-                f"{url}: checksum {got} != expected {md5}; the download is corrupt, retry"
-            )
+            raise DownloadError(f"{url}: checksum {got} != expected {md5}; the download is corrupt, retry")
         partial.replace(archive)
     with tarfile.open(archive) as tar:
         tar.extractall(cache_dir, filter="data")  # "data" refuses absolute paths and links out

@@ -91,28 +91,18 @@ def _pairs_from_msd(data_dir: Path) -> tuple[list[tuple[Path, Path]], dict[str, 
 def _pairs_from_folders(data_dir: Path) -> list[tuple[Path, Path]]:
     from medseg.io.readers import scan_suffix
 
-    images = next(
-        (data_dir / n for n in ("images", "imagesTr", "image") if (data_dir / n).is_dir()), None
-    )
-    labels = next(
-        (data_dir / n for n in ("labels", "labelsTr", "label") if (data_dir / n).is_dir()), None
-    )
+    images = next((data_dir / n for n in ("images", "imagesTr", "image") if (data_dir / n).is_dir()), None)
+    labels = next((data_dir / n for n in ("labels", "labelsTr", "label") if (data_dir / n).is_dir()), None)
     if images is None or labels is None:
         raise MedsegError(
             f"{data_dir}: neither an MSD folder (dataset.json, imagesTr/, labelsTr/) nor paired "
             "images/ and labels/ folders; arrange the data in one of those layouts"
         )
     by_id = {case_id(p): p for p in sorted(labels.iterdir()) if scan_suffix(p)}
-    return [
-        (p, by_id.get(case_id(p), labels / p.name))
-        for p in sorted(images.iterdir())
-        if scan_suffix(p)
-    ]
+    return [(p, by_id.get(case_id(p), labels / p.name)) for p in sorted(images.iterdir()) if scan_suffix(p)]
 
 
-def build_manifest(
-    data_dir: Path, output: Path, val_fraction: float = 0.2, seed: int = 0
-) -> dict[str, Any]:
+def build_manifest(data_dir: Path, output: Path, val_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
     """Write a manifest for an MSD folder or paired image/label folders; return its content."""
     data_dir = Path(data_dir)
     if (data_dir / "dataset.json").is_file():
@@ -222,15 +212,12 @@ def _check_case(case: Case, split: str, labels: dict[int, str]) -> list[str]:
     except Exception as err:  # nibabel raises many types for broken files
         return [f"case {case.id} ({split}): cannot be read ({type(err).__name__}: {err})"]
     if image.shape[:3] != label.shape[:3]:
-        problems.append(
-            f"case {case.id} ({split}): image shape {image.shape} != label {label.shape}"
-        )
+        problems.append(f"case {case.id} ({split}): image shape {image.shape} != label {label.shape}")
     elif not np.allclose(image.affine, label.affine, atol=1e-3):
         problems.append(f"case {case.id} ({split}): image and label affines differ")
     unexpected = [v for v in values.tolist() if v not in labels or v != int(v)]
     if unexpected:
         problems.append(
-            f"case {case.id} ({split}): label values {unexpected} are not among the declared "
-            f"labels {sorted(labels)}"
+            f"case {case.id} ({split}): label values {unexpected} are not among the declared labels {sorted(labels)}"
         )
     return problems

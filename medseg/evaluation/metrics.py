@@ -41,10 +41,6 @@ def surface_metrics(
     ya = torch.from_numpy(np.stack([~a, a])[None].astype(np.float32))
     yb = torch.from_numpy(np.stack([~b, b])[None].astype(np.float32))
     spacing = [float(s) for s in spacing]
-    hd95 = compute_hausdorff_distance(
-        ya, yb, include_background=False, percentile=95, spacing=spacing
-    )
-    nsd = compute_surface_dice(
-        ya, yb, class_thresholds=[tolerance_mm], include_background=False, spacing=spacing
-    )
+    hd95 = compute_hausdorff_distance(ya, yb, include_background=False, percentile=95, spacing=spacing)
+    nsd = compute_surface_dice(ya, yb, class_thresholds=[tolerance_mm], include_background=False, spacing=spacing)
     return float(hd95.flatten()[0]), float(nsd.flatten()[0])

@@ -56,8 +56,7 @@ def evaluate_case(
     if mismatch:
         return (
             [],
-            f"case {case.id}: prediction {path.name} is on another grid than the label "
-            f"({mismatch})",
+            f"case {case.id}: prediction {path.name} is on another grid than the label ({mismatch})",
         )
     pred = np.rint(pred_volume.array[0]).astype(np.int64)
     ref = np.rint(ref_volume.array[0]).astype(np.int64)
@@ -139,8 +138,7 @@ def write_report(result: Evaluation, out_dir: Path, tolerance_mm: float, split: 
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
-        "| label | cases | Dice mean | Dice median | HD95 mean (mm) | "
-        f"NSD@{tolerance_mm:g}mm mean |",
+        f"| label | cases | Dice mean | Dice median | HD95 mean (mm) | NSD@{tolerance_mm:g}mm mean |",
         "|---|---|---|---|---|---|",
     ]
     for label, s in result.summary.items():
@@ -163,9 +161,7 @@ def _boxplot(rows: list[dict[str, Any]], path: Path) -> None:
 
     labels = list(dict.fromkeys(r["label"] for r in rows))
     fig, ax = plt.subplots(figsize=(1.8 * len(labels) + 2, 4))
-    ax.boxplot(
-        [[r["dice"] for r in rows if r["label"] == lab] for lab in labels], tick_labels=labels
-    )
+    ax.boxplot([[r["dice"] for r in rows if r["label"] == lab] for lab in labels], tick_labels=labels)
     ax.set(ylabel="Dice per case", title="Dice by label")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

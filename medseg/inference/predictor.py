@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -60,15 +60,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            "--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu"
-        )
+        raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
 
 
-def pad_to_multiple(
-    x: torch.Tensor, multiple: int, value: float
-) -> tuple[torch.Tensor, tuple[slice, slice]]:
+def pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> tuple[torch.Tensor, tuple[slice, slice]]:
     """Pad (N, C, H, W) evenly on both sides to multiples of ``multiple`` with ``value``.
 
     Returns the padded tensor and the (rows, columns) slices that crop it back.
@@ -91,6 +87,12 @@ _AUTO_BATCH_PIXELS = {"cpu": 512 * 512, "cuda": 16 * 512 * 512}
 def auto_batch_size(device: torch.device, slice_pixels: int) -> int:
     budget = _AUTO_BATCH_PIXELS.get(device.type, _AUTO_BATCH_PIXELS["cpu"])
     return int(min(256, max(1, budget // max(1, slice_pixels))))
+
+
+def _moved_shape(spatial: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """(X, Y, Z) with ``axis`` moved first: the (S, H, W) layout of slice batches."""
+    rest = [int(n) for i, n in enumerate(spatial) if i != axis]
+    return (int(spatial[axis]), *rest)
 
 
 class SlicePredictor:
@@ -122,6 +124,24 @@ class SlicePredictor:
 
         ``progress(done, total)`` is called with slice counts after each batch.
         """
+        axis = slice_axis_index(self.model.spec.slice_axis, image.affine)
+        labels = torch.empty(_moved_shape(image.shape[1:], axis), dtype=torch.uint8)
+        for indices, scores in self._scores(image, progress):
+            labels[indices.start : indices.stop] = self.lut[scores.argmax(dim=1).cpu()]
+        return torch.movedim(labels, 0, axis)
+
+    def add_probabilities(self, image: torch.Tensor, total: torch.Tensor, progress: Progress | None = None) -> None:
+        """Add this model's class probabilities for ``image`` into ``total`` (classes, X, Y, Z)."""
+        axis = slice_axis_index(self.model.spec.slice_axis, image.affine)
+        view = torch.movedim(total, axis + 1, 0)  # (S, classes, H, W), shares memory
+        for indices, scores in self._scores(image, progress, probabilities=True):
+            view[indices.start : indices.stop] += scores.float().cpu()
+
+    def _scores(
+        self, image: torch.Tensor, progress: Progress | None, probabilities: bool = False
+    ) -> Iterator[tuple[range, torch.Tensor]]:
+        """Per slice batch: its slice indices and scores (N, classes, H, W) on the native
+        in-plane grid (logits, or probabilities when resampled or asked for)."""
         spec = self.model.spec
         axis = slice_axis_index(spec.slice_axis, image.affine)
         plane = in_plane_axes(axis)
@@ -130,7 +150,6 @@ class SlicePredictor:
         resized = target_size(native, (spacing[plane[0]], spacing[plane[1]]), spec.spacing)
         n_slices = int(image.shape[1 + axis])
         pad_value = float(image.min())
-        labels = torch.empty((n_slices, *native), dtype=torch.uint8)
         step = self.options.batch_size or auto_batch_size(self.device, resized[0] * resized[1])
         logger.debug("slice axis %d, %d slices %s -> %s", axis, n_slices, native, resized)
         with torch.inference_mode():
@@ -140,14 +159,12 @@ class SlicePredictor:
                 batch = batch.to(self.device, torch.float32)
                 batch = resample_slices(batch, resized, "bilinear")
                 scores = self._logits(batch, pad_value)
-                if resized != native:
-                    scores = resample_slices(
-                        torch.softmax(scores.float(), dim=1), native, "bilinear"
-                    )
-                labels[start : start + step] = self.lut[scores.argmax(dim=1).cpu()]
+                if resized != native or probabilities:
+                    scores = torch.softmax(scores.float(), dim=1)
+                    scores = resample_slices(scores, native, "bilinear")
+                yield indices, scores
                 if progress is not None:
                     progress(indices.stop, n_slices)
-        return torch.movedim(labels, 0, axis)
 
     def _channels_last_network(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x.contiguous(memory_format=torch.channels_last))
@@ -167,8 +184,7 @@ class SlicePredictor:
             return sliding_window_inference(
                 batch,
                 roi_size=spec.window,
-                sw_batch_size=self.options.batch_size
-                or auto_batch_size(self.device, math.prod(spec.window)),
+                sw_batch_size=self.options.batch_size or auto_batch_size(self.device, math.prod(spec.window)),
                 predictor=self._channels_last_network,
                 overlap=self.options.overlap,
                 mode="gaussian",
@@ -176,3 +192,32 @@ class SlicePredictor:
                 cval=pad_value,
                 progress=False,
             )
+
+
+class EnsemblePredictor:
+    """Averages the class probabilities of several models (for example 2D models that slice
+    along different axes: a multi-view ensemble), then takes the argmax.
+
+    Unlike a single model, this holds one float32 probability volume (classes, X, Y, Z) per
+    scan, since each member visits the voxels in another order.
+    """
+
+    def __init__(self, model: Model, options: InferenceOptions = InferenceOptions()) -> None:
+        self.model = model
+        self.members = [SlicePredictor(m, options) for m in model.members]
+        self.lut = torch.tensor(model.spec.label_values, dtype=torch.uint8)
+
+    def predict(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+        total = torch.zeros((len(self.lut), *image.shape[1:]), dtype=torch.float32)
+        n = len(self.members)
+        for i, member in enumerate(self.members):
+            member_progress = None
+            if progress is not None:
+                member_progress = lambda done, all_, i=i: progress(i * all_ + done, n * all_)  # noqa: E731
+            member.add_probabilities(image, total, member_progress)
+        return self.lut[total.argmax(dim=0)]
+
+
+def make_predictor(model: Model, options: InferenceOptions = InferenceOptions()) -> SlicePredictor | EnsemblePredictor:
+    """The predictor for ``model``: an ensemble when its model.json lists members."""
+    return EnsemblePredictor(model, options) if model.members else SlicePredictor(model, options)

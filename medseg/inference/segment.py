@@ -15,7 +15,7 @@ from monai.transforms import Compose
 
 from medseg.errors import ScanError
 from medseg.inference.postprocess import postprocess
-from medseg.inference.predictor import Progress, SlicePredictor
+from medseg.inference.predictor import EnsemblePredictor, Progress, SlicePredictor
 from medseg.io.monai_reader import volume_to_metatensor
 from medseg.io.readers import read_scan, scan_name
 from medseg.io.volume import Geometry, Volume
@@ -56,7 +56,7 @@ def to_original_grid(labels: torch.Tensor, image: MetaTensor, transforms: Compos
 
 
 def segment_volume(
-    volume: Volume, predictor: SlicePredictor, progress: Progress | None = None
+    volume: Volume, predictor: SlicePredictor | EnsemblePredictor, progress: Progress | None = None
 ) -> np.ndarray:
     """Label map (X, Y, Z) uint8 on ``volume``'s own grid; ``progress(done, total)`` slices."""
     spec = predictor.model.spec
@@ -88,7 +88,7 @@ def output_path(source: Path, out_dir: Path) -> Path:
 
 def segment_scan(
     source: str | Path,
-    predictor: SlicePredictor,
+    predictor: SlicePredictor | EnsemblePredictor,
     out_dir: Path,
     series_uid: str | None = None,
     progress: Progress | None = None,

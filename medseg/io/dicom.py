@@ -183,8 +183,7 @@ def _check_series(series: DicomSeries) -> tuple[list[DicomSlice], float, np.ndar
                 f"series mixes slice orientations: {first.path.name} has "
                 f"{np.round(first.orientation, 4).tolist()}, {s.path.name} has "
                 f"{np.round(s.orientation, 4).tolist()}",
-                "a series must be one stack of parallel slices; remove localizers or "
-                "reformats from the folder",
+                "a series must be one stack of parallel slices; remove localizers or reformats from the folder",
             )
         if (s.rows, s.columns) != (first.rows, first.columns) or not np.allclose(
             s.pixel_spacing, first.pixel_spacing, atol=_ORIENTATION_TOL

@@ -84,9 +84,7 @@ def _read_nifti(path: Path) -> Volume:
     qcode, scode = int(header["qform_code"]), int(header["sform_code"])
     if qcode > 0 and scode > 0 and not np.allclose(img.get_qform(), img.get_sform(), atol=1e-3):
         # nibabel and MONAI follow the sform, SimpleITK the qform: say which one we use.
-        logger.warning(
-            "%s: qform and sform disagree; using the sform (as nibabel and MONAI do)", path
-        )
+        logger.warning("%s: qform and sform disagree; using the sform (as nibabel and MONAI do)", path)
     spatial = array.shape[:3]
     # Dimensions past the third (time, vector components) become channels.
     array = array.reshape(*spatial, -1) if array.ndim > 3 else array[..., None]

@@ -96,9 +96,7 @@ class Volume:
 
     def __post_init__(self) -> None:
         if self.array.ndim != 4 or tuple(self.array.shape[1:]) != tuple(self.geometry.shape):
-            raise ValueError(
-                f"Volume array must be (C, *{self.geometry.shape}), got {self.array.shape}"
-            )
+            raise ValueError(f"Volume array must be (C, *{self.geometry.shape}), got {self.array.shape}")
 
     @property
     def channels(self) -> int:

@@ -76,9 +76,7 @@ class ArticleUNet(nn.Module):
     Shapes: (N, in_channels, H, W) -> (N, out_channels, H, W) logits.
     """
 
-    def __init__(
-        self, in_channels: int = 1, out_channels: int = 2, base_channels: int = 64, depth: int = 4
-    ) -> None:
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, base_channels: int = 64, depth: int = 4) -> None:
         super().__init__()
         if min(in_channels, out_channels, base_channels, depth) < 1:
             raise ValueError(
@@ -92,9 +90,7 @@ class ArticleUNet(nn.Module):
         # H and W must be multiples of this (one halving per down level).
         self.size_multiple = 2**depth
         chans = [base_channels * 2**k for k in range(depth)]
-        self.downs = nn.ModuleList(
-            DownLevel(in_channels if k == 0 else chans[k - 1], chans[k]) for k in range(depth)
-        )
+        self.downs = nn.ModuleList(DownLevel(in_channels if k == 0 else chans[k - 1], chans[k]) for k in range(depth))
         ups = []
         for k in reversed(range(depth)):
             in_ch = chans[-1] if k == depth - 1 else 2 * chans[k + 1]

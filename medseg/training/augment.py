@@ -38,12 +38,8 @@ def augment_batch(
         column = 1 if axis == 0 else 0  # rows are y (theta column 1), columns are x
         theta[:, :, column] *= sign[:, None]
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    images = F.grid_sample(
-        images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    labels = F.grid_sample(
-        labels.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
-    )
+    images = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    labels = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
     gain = 1 + _uniform(gen, n, -1, 1) * config.intensity_scale
     offset = _uniform(gen, n, -1, 1) * config.intensity_shift

@@ -72,9 +72,7 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in TRAIN_PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}"
-            )
+            raise ConfigError(f"precision must be one of {TRAIN_PRECISIONS}, got {self.precision!r}")
         for name in ("epochs", "steps_per_epoch", "batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

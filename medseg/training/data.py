@@ -70,20 +70,14 @@ def build_slice_bank(cases: Sequence[Case], spec: ModelSpec) -> SliceBank:
     images = torch.cat([_pad_to(s, (height, width), v) for s, v in stacks])
     labels = torch.cat([_pad_to(s, (height, width), 0) for s in label_stacks])
     foreground = np.flatnonzero(labels.flatten(1).amax(dim=1).numpy() > 0)
-    logger.info(
-        "%d slices (%d with foreground) of %dx%d", len(images), len(foreground), height, width
-    )
+    logger.info("%d slices (%d with foreground) of %dx%d", len(images), len(foreground), height, width)
     return SliceBank(images.contiguous(), labels.contiguous(), foreground, np.concatenate(owners))
 
 
-def epoch_samples(
-    bank: SliceBank, n: int, pos_fraction: float, gen: torch.Generator
-) -> torch.Tensor:
+def epoch_samples(bank: SliceBank, n: int, pos_fraction: float, gen: torch.Generator) -> torch.Tensor:
     """``n`` slice indices: about ``pos_fraction`` from foreground slices, the rest uniform."""
     n_pos = round(n * pos_fraction) if len(bank.foreground) else 0
-    pos = torch.as_tensor(bank.foreground)[
-        torch.randint(len(bank.foreground), (n_pos,), generator=gen)
-    ]
+    pos = torch.as_tensor(bank.foreground)[torch.randint(len(bank.foreground), (n_pos,), generator=gen)]
     rest = torch.randint(len(bank.images), (n - n_pos,), generator=gen)
     both = torch.cat([pos, rest])
     return both[torch.randperm(n, generator=gen)]

@@ -39,9 +39,7 @@ def init_from_env(device_type: str) -> DistContext:
         return DistContext()
     ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device_type == "cuda" else "gloo", rank=ctx.rank, world_size=world
-        )
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=ctx.rank, world_size=world)
     return ctx
 
 

@@ -50,24 +50,16 @@ class TrainResult:
 
 def model_spec(config: TrainConfig, manifest: Manifest) -> ModelSpec:
     """The ModelSpec a training run produces (labels from the config or the manifest)."""
-    names = (
-        list(config.labels)
-        if config.labels
-        else [manifest.labels[k] for k in sorted(manifest.labels)]
-    )
+    names = list(config.labels) if config.labels else [manifest.labels[k] for k in sorted(manifest.labels)]
     if config.labels:
         labels = labels_from_names(names)
     else:
         defaults = labels_from_names(names)
-        labels = tuple(
-            LabelSpec(v, d.name, d.color) for v, d in zip(sorted(manifest.labels), defaults)
-        )
+        labels = tuple(LabelSpec(v, d.name, d.color) for v, d in zip(sorted(manifest.labels), defaults))
     in_channels = max(1, len(manifest.modality)) * (2 * config.context_slices + 1)
     return ModelSpec(
         labels=labels,
-        network=NetworkSpec(
-            config.network, in_channels, len(labels), config.base_channels, config.depth
-        ),
+        network=NetworkSpec(config.network, in_channels, len(labels), config.base_channels, config.depth),
         preset=config.preset,
         slice_axis=config.slice_axis,
         spacing=config.spacing,
@@ -192,13 +184,9 @@ def _train(
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
     # Through JSON so tuples and lists compare equal with the saved file.
-    resolved = json.loads(
-        json.dumps({**config.to_dict(), "labels": [lab.name for lab in spec.labels]})
-    )
+    resolved = json.loads(json.dumps({**config.to_dict(), "labels": [lab.name for lab in spec.labels]}))
     if resume and config_path.is_file() and json.loads(config_path.read_text()) != resolved:
-        raise ConfigError(
-            f"{config_path}: --resume with a different configuration; use a new run folder"
-        )
+        raise ConfigError(f"{config_path}: --resume with a different configuration; use a new run folder")
     if ctx.is_main:
         config_path.write_text(json.dumps(resolved, indent=2) + "\n")
 
@@ -211,9 +199,7 @@ def _train(
         network = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(
-        module.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     amp = _autocast_dtype(config, device)
@@ -330,9 +316,7 @@ def _train(
             with atomic_path(checkpoint) as tmp:
                 torch.save(state, tmp)
         if distributed.broadcast_flag(ctx, out_of_time):
-            logger.info(
-                "time limit of %s min reached after epoch %d", config.time_limit_minutes, epoch + 1
-            )
+            logger.info("time limit of %s min reached after epoch %d", config.time_limit_minutes, epoch + 1)
             break
 
     fingerprints = distributed.weight_fingerprints(ctx, module)

@@ -45,8 +45,6 @@ def build_transforms(
     if resample and spec.spacing is not None:
         steps.append(ResampleInPlaned(keys, spec.spacing, spec.slice_axis, mode="bilinear"))
         if label_keys:
-            steps.append(
-                ResampleInPlaned(label_keys, spec.spacing, spec.slice_axis, mode="nearest")
-            )
+            steps.append(ResampleInPlaned(label_keys, spec.spacing, spec.slice_axis, mode="nearest"))
     steps.append(NormalizeIntensityPresetd(keys, spec.preset))
     return Compose(steps)

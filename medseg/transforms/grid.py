@@ -69,15 +69,11 @@ def resample_slices(slices: torch.Tensor, size: tuple[int, int], mode: str) -> t
     if mode == "nearest":
         return F.interpolate(slices, size=size, mode="nearest-exact")
     shrink = size[0] < slices.shape[-2] or size[1] < slices.shape[-1]
-    out = F.interpolate(
-        slices.float(), size=size, mode="bilinear", align_corners=False, antialias=shrink
-    )
+    out = F.interpolate(slices.float(), size=size, mode="bilinear", align_corners=False, antialias=shrink)
     return out.to(slices.dtype) if slices.dtype.is_floating_point else out
 
 
-def _resample_volume(
-    img: torch.Tensor, slice_axis: int, size: tuple[int, int], mode: str
-) -> torch.Tensor:
+def _resample_volume(img: torch.Tensor, slice_axis: int, size: tuple[int, int], mode: str) -> torch.Tensor:
     """(C, X, Y, Z) -> (C, X', Y', Z') with the in-plane axes resampled to ``size``."""
     # Bring the slice axis forward: (C, ...) -> (S, C, H, W), then back.
     moved = torch.movedim(torch.as_tensor(img), slice_axis + 1, 0)
@@ -103,9 +99,7 @@ class ResampleInPlane(InvertibleTransform, Transform):
     so ``inverse`` (MONAI's ``Compose.inverse`` / ``Invertd``) restores the grid.
     """
 
-    def __init__(
-        self, spacing: tuple[float, float], slice_axis_rule: str, mode: str = "bilinear"
-    ) -> None:
+    def __init__(self, spacing: tuple[float, float], slice_axis_rule: str, mode: str = "bilinear") -> None:
         self.spacing = tuple(float(s) for s in spacing)
         self.slice_axis_rule = slice_axis_rule
         self.mode = mode

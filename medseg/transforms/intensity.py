@@ -68,9 +68,7 @@ class NormalizeIntensityPreset(Transform):
 
     def __init__(self, preset: str) -> None:
         if preset not in PRESETS:
-            raise ValueError(
-                f"unknown intensity preset {preset!r}; choose one of {sorted(PRESETS)}"
-            )
+            raise ValueError(f"unknown intensity preset {preset!r}; choose one of {sorted(PRESETS)}")
         self.preset = preset
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:

@@ -64,11 +64,7 @@ class RandSliceSamplerd(Randomizable, MapTransform):
         self._indices = np.zeros(0, dtype=np.int64)
 
     def randomize(self, foreground_slices: np.ndarray, n_slices: int) -> None:
-        n_pos = (
-            int(self.R.binomial(self.num_samples, self.pos_fraction))
-            if foreground_slices.size
-            else 0
-        )
+        n_pos = int(self.R.binomial(self.num_samples, self.pos_fraction)) if foreground_slices.size else 0
         pos = self.R.choice(foreground_slices, size=n_pos) if n_pos else np.zeros(0, np.int64)
         rest = self.R.randint(0, n_slices, size=self.num_samples - n_pos)
         self._indices = np.concatenate([pos, rest]).astype(np.int64)
@@ -81,9 +77,7 @@ class RandSliceSamplerd(Randomizable, MapTransform):
         foreground = np.flatnonzero(per_slice.numpy() > 0)
         self.randomize(foreground, int(per_slice.shape[0]))
         stacks = {
-            key: slice_stack(
-                d[key], axis, self._indices, 0 if key == self.label_key else self.context
-            )
+            key: slice_stack(d[key], axis, self._indices, 0 if key == self.label_key else self.context)
             for key in self.key_iterator(d)
         }
         return [

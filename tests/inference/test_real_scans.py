@@ -44,9 +44,7 @@ def test_ct_jpeg2000_mask_lines_up_with_reference(shared_data, tmp_path):
     out = sitk.ReadImage(str(result.output))
     assert _itk_geometry(out).mismatch(_itk_geometry(_itk_series(folder))) is None
     mask = sitk.ReadImage(str(shared_data / "totalsegmentator/example_seg_dicom.nii.gz"))
-    on_mask = sitk.Resample(
-        out, mask, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
-    )
+    on_mask = sitk.Resample(out, mask, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     ours, ref = sitk.GetArrayFromImage(on_mask), sitk.GetArrayFromImage(mask)
 
     def lines_up(labels: np.ndarray) -> bool:

@@ -40,9 +40,7 @@ DIRECTIONS = {
 
 def _check_output(result, geometry: Geometry, expected: np.ndarray) -> None:
     itk = sitk.ReadImage(str(result.output))
-    read_back = Geometry(
-        tuple(itk.GetSize()), itk.GetSpacing(), itk.GetOrigin(), itk.GetDirection()
-    )
+    read_back = Geometry(tuple(itk.GetSize()), itk.GetSpacing(), itk.GetOrigin(), itk.GetDirection())
     assert geometry.mismatch(read_back) is None
     img = nib.load(str(result.output))
     assert img.get_data_dtype() == np.uint8
@@ -82,9 +80,7 @@ def test_dicom_series_input(tmp_path):
     _check_output(result, geometry, threshold_labels(array, LOW, HIGH))
 
 
-@settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     shape=st.tuples(st.integers(5, 40), st.integers(5, 40), st.integers(2, 12)),
     spacing=st.tuples(*[st.floats(0.3, 6.0)] * 3),
@@ -93,18 +89,14 @@ def test_dicom_series_input(tmp_path):
     axis=st.sampled_from(["axial", "coronal", "sagittal", "coarsest"]),
     window=st.sampled_from([(16, 16), (32, 16), (64, 64)]),
 )
-def test_property_any_grid_any_axis_any_window(
-    tmp_path, shape, spacing, angles, flip, axis, window
-):
+def test_property_any_grid_any_axis_any_window(tmp_path, shape, spacing, angles, flip, axis, window):
     """Random oblique grids, odd sizes, and windows small enough to force sliding windows."""
     direction = rotation(angles) @ np.diag([1.0, 1.0, flip])
     geometry = make_geometry(shape, spacing, direction=direction)
     array = phantom(shape)
     path = write_nifti(tmp_path / "p.nii.gz", array, geometry)
     model = threshold_model(LOW, HIGH, slice_axis=axis, window=window, values=(0, 3, 7))
-    result = segment_scan(
-        path, SlicePredictor(model, InferenceOptions(batch_size=3)), tmp_path / "o"
-    )
+    result = segment_scan(path, SlicePredictor(model, InferenceOptions(batch_size=3)), tmp_path / "o")
     expected = threshold_labels(array, LOW, HIGH)
     _check_output(result, geometry, np.choose(expected, [0, 3, 7]).astype(np.uint8))
 
@@ -168,3 +160,17 @@ def test_largest_component_postprocess_removes_islands(tmp_path):
     assert out[5:15, 5:15, 2:8].min() == 1 and out[25:27, 20:22, 10:11].max() == 0
     plain = nib.load(str(segment_scan(path, SlicePredictor(base), tmp_path / "plain").output)).get_fdata()
     assert plain[25:27, 20:22, 10:11].min() == 1  # the control: without it the island stays
+
+
+def test_ensemble_of_views_averages_probabilities(tmp_path):
+    """Members slicing along different axes; the known answer survives the averaging."""
+    from medseg.inference import make_predictor
+    from medseg.model import Model
+
+    geometry = make_geometry((21, 18, 11), direction=DIRECTIONS["oblique"])
+    array = phantom(geometry.shape)
+    path = write_nifti(tmp_path / "scan.nii.gz", array, geometry)
+    members = tuple(threshold_model(LOW, HIGH, slice_axis=a) for a in ("axial", "coronal", "sagittal"))
+    ensemble = Model(members[0].spec, None, tmp_path, members=members)
+    result = segment_scan(path, make_predictor(ensemble), tmp_path / "out")
+    _check_output(result, geometry, threshold_labels(array, LOW, HIGH))

@@ -39,9 +39,7 @@ def test_slice_step_from_positions_not_thickness(series):
 def test_missing_slice_is_refused(series):
     folder, _, paths = series
     paths[2].unlink()
-    with pytest.raises(
-        ScanError, match=r"series: series has missing slices.*about 1 slice\(s\) missing"
-    ):
+    with pytest.raises(ScanError, match=r"series: series has missing slices.*about 1 slice\(s\) missing"):
         read_scan(folder)
 
 

@@ -55,18 +55,14 @@ def test_2d_image_is_refused(tmp_path):
 
 
 def test_single_slice_volume_is_refused(tmp_path):
-    path = write_itk(
-        tmp_path / "one.nrrd", np.zeros((20, 30, 1), np.float32), make_geometry((20, 30, 1))
-    )
+    path = write_itk(tmp_path / "one.nrrd", np.zeros((20, 30, 1), np.float32), make_geometry((20, 30, 1)))
     with pytest.raises(ScanError, match=r"one\.nrrd: is a 2D image"):
         read_scan(path)
 
 
 def test_nan_volume_is_refused(tmp_path):
     geometry = make_geometry((9, 8, 7))
-    path = write_nifti(
-        tmp_path / "nan.nii.gz", np.full(geometry.shape, np.nan, np.float32), geometry
-    )
+    path = write_nifti(tmp_path / "nan.nii.gz", np.full(geometry.shape, np.nan, np.float32), geometry)
     with pytest.raises(ScanError, match=r"nan\.nii\.gz: holds no finite intensity"):
         read_scan(path)
 

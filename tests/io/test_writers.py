@@ -11,9 +11,7 @@ from medseg.io.volume import Geometry
 from medseg.io.writers import write_nifti_labels
 
 
-@pytest.mark.parametrize(
-    "direction", [np.eye(3), np.diag([1.0, -1.0, -1.0]), rotation((20, 5, -30))]
-)
+@pytest.mark.parametrize("direction", [np.eye(3), np.diag([1.0, -1.0, -1.0]), rotation((20, 5, -30))])
 def test_written_geometry_agrees_in_nibabel_and_simpleitk(tmp_path, direction):
     geometry = make_geometry((7, 9, 5), (0.5, 0.9, 4.0), direction=direction)
     labels = np.random.default_rng(0).integers(0, 3, geometry.shape).astype(np.uint8)
@@ -39,9 +37,7 @@ def test_label_values_above_255_use_uint16(tmp_path):
 
 def test_shape_mismatch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="do not match"):
-        write_nifti_labels(
-            np.zeros((3, 3, 3), np.uint8), make_geometry((4, 4, 4)), tmp_path / "x.nii.gz"
-        )
+        write_nifti_labels(np.zeros((3, 3, 3), np.uint8), make_geometry((4, 4, 4)), tmp_path / "x.nii.gz")
     assert not list(tmp_path.iterdir())
 
 

@@ -73,9 +73,7 @@ def test_onnx_export_matches_in_onnxruntime(tmp_path):
     net = ArticleUNet(1, 3, base_channels=4).eval()
     path = tmp_path / "unet.onnx"
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
-    torch.onnx.export(
-        net, (torch.randn(2, 1, 48, 64),), str(path), dynamo=True, dynamic_shapes={"x": dims}
-    )
+    torch.onnx.export(net, (torch.randn(2, 1, 48, 64),), str(path), dynamo=True, dynamic_shapes={"x": dims})
     session = ort.InferenceSession(str(path))
     x = torch.randn(3, 1, 32, 80)  # other batch and size than at export
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -86,9 +84,7 @@ def test_onnx_export_matches_in_onnxruntime(tmp_path):
 def test_works_in_monai_sliding_window_inferer():
     torch.manual_seed(0)
     net = ArticleUNet(1, 2, base_channels=4).eval()
-    inferer = SlidingWindowInferer(
-        roi_size=(32, 32), sw_batch_size=4, overlap=0.25, mode="gaussian"
-    )
+    inferer = SlidingWindowInferer(roi_size=(32, 32), sw_batch_size=4, overlap=0.25, mode="gaussian")
     with torch.no_grad():
         y = inferer(torch.randn(2, 1, 70, 45), net)
     assert y.shape == (2, 2, 70, 45)
@@ -98,9 +94,7 @@ def test_works_in_monai_sliding_window_inferer():
 def test_works_in_monai_slice_inferer():
     torch.manual_seed(0)
     net = ArticleUNet(1, 2, base_channels=4).eval()
-    inferer = SliceInferer(
-        roi_size=(32, 32), spatial_dim=2, sw_batch_size=4, overlap=0.25, mode="gaussian"
-    )
+    inferer = SliceInferer(roi_size=(32, 32), spatial_dim=2, sw_batch_size=4, overlap=0.25, mode="gaussian")
     with torch.no_grad():
         y = inferer(torch.randn(1, 1, 40, 48, 7), net)
     assert y.shape == (1, 2, 40, 48, 7)

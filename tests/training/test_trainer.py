@@ -51,10 +51,7 @@ def test_training_writes_a_model_folder_segment_takes(manifest, tmp_path):
     assert model.spec.provenance["trained"] is True and model.spec.slice_axis == "sagittal"
     assert set(result.best_dice) == {"left", "right"}
     image = manifest.parent / "Task99" / "imagesTr" / "case_000.nii.gz"
-    assert (
-        main(["segment", str(image), "-o", str(tmp_path / "seg"), "--model", str(result.model_dir)])
-        == 0
-    )
+    assert main(["segment", str(image), "-o", str(tmp_path / "seg"), "--model", str(result.model_dir)]) == 0
     out = nib.load(str(tmp_path / "seg" / "case_000.nii.gz"))
     np.testing.assert_allclose(out.affine, nib.load(str(image)).affine, atol=1e-5)
 

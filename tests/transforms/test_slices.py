@@ -42,9 +42,7 @@ def _pair(shape=(1, 12, 10, 30)):
 
 
 def test_sampler_oversamples_foreground_and_is_seeded():
-    sampler = RandSliceSamplerd(
-        ("image", "label"), "label", "axial", num_samples=200, pos_fraction=0.5
-    )
+    sampler = RandSliceSamplerd(("image", "label"), "label", "axial", num_samples=200, pos_fraction=0.5)
     sampler.set_random_state(seed=7)
     samples = sampler(_pair())
     assert len(samples) == 200

@@ -17,9 +17,7 @@ from medseg.transforms import (
 
 
 def _spec(**kw) -> ModelSpec:
-    return ModelSpec(
-        labels=labels_from_names(["bg", "fg"]), network=NetworkSpec(out_channels=2), **kw
-    )
+    return ModelSpec(labels=labels_from_names(["bg", "fg"]), network=NetworkSpec(out_channels=2), **kw)
 
 
 def test_ct_window_maps_to_unit_range():
@@ -66,9 +64,7 @@ def test_coarsest_rule_picks_largest_spacing():
 
 def test_resample_in_plane_records_and_restores_grid():
     geometry = make_geometry((31, 22, 7), (0.7, 1.3, 3.0), direction=rotation((15, -5, 20)))
-    image = MetaTensor(
-        torch.from_numpy(phantom(geometry.shape))[None], affine=geometry.affine_ras()
-    )
+    image = MetaTensor(torch.from_numpy(phantom(geometry.shape))[None], affine=geometry.affine_ras())
     resampler = ResampleInPlane((2.0, 2.0), "axial")
     out = resampler(image)
     assert out.shape == (1, 11, 14, 7)
@@ -76,9 +72,7 @@ def test_resample_in_plane_records_and_restores_grid():
     np.testing.assert_allclose(spacing, [0.7 * 31 / 11, 1.3 * 22 / 14, 3.0], rtol=1e-6)
     # Field of view kept: the outer voxel edge of axis 0 stays in place.
     edge = lambda a, n: (a @ np.array([n - 0.5, -0.5, -0.5, 1.0]))[:3]  # noqa: E731
-    np.testing.assert_allclose(
-        edge(out.affine.numpy(), 11), edge(geometry.affine_ras(), 31), atol=1e-6
-    )
+    np.testing.assert_allclose(edge(out.affine.numpy(), 11), edge(geometry.affine_ras(), 31), atol=1e-6)
     labels = (out > 50).to(torch.uint8)
     labels.applied_operations = list(out.applied_operations)
     back = resampler.inverse(labels)
@@ -90,9 +84,7 @@ def test_compose_loads_and_inverts_with_monai(tmp_path):
     """build_transforms is a MONAI Compose: LoadImaged(ScanReader) in, Compose.inverse back."""
     geometry = make_geometry((25, 19, 8), (0.9, 0.8, 2.5), direction=np.diag([1.0, -1.0, -1.0]))
     path = write_nifti(tmp_path / "s.nii.gz", phantom(geometry.shape), geometry)
-    transforms = build_transforms(
-        _spec(preset="ct_abdomen", slice_axis="axial", spacing=(1.6, 1.6))
-    )
+    transforms = build_transforms(_spec(preset="ct_abdomen", slice_axis="axial", spacing=(1.6, 1.6)))
     data = transforms({"image": str(path)})
     image = data["image"]
     assert [op["class"] for op in image.applied_operations] == ["Orientation", "ResampleInPlane"]
@@ -114,9 +106,7 @@ def test_compose_moves_labels_with_image(tmp_path):
     write_nifti(tmp_path / "img.nii.gz", image, geometry)
     write_nifti(tmp_path / "lab.nii.gz", (image > 50).astype(np.float32), geometry)
     transforms = build_transforms(_spec(preset="mr", spacing=(1.0, 1.0)), label_keys=("label",))
-    data = transforms(
-        {"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")}
-    )
+    data = transforms({"image": str(tmp_path / "img.nii.gz"), "label": str(tmp_path / "lab.nii.gz")})
     assert data["image"].shape == data["label"].shape
     torch.testing.assert_close(data["image"].affine, data["label"].affine)
     assert set(torch.unique(data["label"]).tolist()) <= {0.0, 1.0}

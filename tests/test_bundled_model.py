@@ -1,0 +1,54 @@
+"""The bundled hippocampus model: listed, used by default, and accurate on real validation cases."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_geometry, phantom, write_nifti
+
+from medseg.bundled import DEFAULT_MODEL, bundled_models, default_model_dir
+from medseg.cli import main
+from medseg.evaluation.metrics import dice
+from medseg.inference import SlicePredictor, segment_scan
+from medseg.io.readers import read_scan
+from medseg.model import load_model
+
+
+def test_bundled_model_loads_and_is_small():
+    folder = default_model_dir()
+    assert folder.name == DEFAULT_MODEL and DEFAULT_MODEL in bundled_models()
+    model = load_model(folder)
+    assert [lab.name for lab in model.spec.labels] == ["background", "anterior", "posterior"]
+    assert model.spec.provenance["trained"] is True
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 20 * 2**20
+    assert (folder / "MODEL_CARD.md").is_file()
+
+
+def test_info_lists_bundled_models(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"{DEFAULT_MODEL} (default)" in out and "anterior" in out and "posterior" in out
+
+
+def test_segment_uses_bundled_model_by_default(tmp_path):
+    geometry = make_geometry((35, 50, 40), (1.0, 1.0, 1.0))
+    scan = write_nifti(tmp_path / "crop.nii.gz", phantom(geometry.shape), geometry)
+    assert main(["segment", str(scan), "-o", str(tmp_path / "out")]) == 0
+    assert read_scan(tmp_path / "out" / "crop.nii.gz").geometry.mismatch(geometry) is None
+
+
+@pytest.mark.realdata
+def test_bundled_model_dice_on_validation_cases(shared_data, tmp_path):
+    manifest = json.loads(Path("data_manifests/hippocampus.json").read_text())
+    predictor = SlicePredictor(load_model(default_model_dir()))
+    scores = []
+    for item in manifest["validation"][:5]:
+        image = shared_data / "hippocampus" / "imagesTr" / item["image"].split("/")[-1]
+        label = shared_data / "hippocampus" / "labelsTr" / item["label"].split("/")[-1]
+        result = segment_scan(image, predictor, tmp_path)
+        pred = np.rint(read_scan(result.output).array[0]).astype(int)
+        ref = np.rint(read_scan(label).array[0]).astype(int)
+        scores.append([dice(pred, ref, 1), dice(pred, ref, 2)])
+    mean = np.mean(scores, axis=0)
+    assert mean[0] > 0.83 and mean[1] > 0.8, mean
