@@ -26,6 +26,7 @@ from medseg.io.volume import Geometry, Volume
 logger = logging.getLogger(__name__)
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "KO", "REG"}
 # Positions and orientations are decimal strings with about 6 significant digits.
 _ORIENTATION_TOL = 1e-4
 _POSITION_TOL_MM = 1e-3
@@ -88,21 +89,20 @@ def _read_header(path: Path):
         return None
 
 
-def _to_slice(path: Path, ds) -> DicomSlice | None:
-    """Header facts of ``ds``; None for objects that are not single-frame images."""
+def _to_slice(path: Path, ds) -> DicomSlice | str:
+    """Header facts of ``ds``, or why it is not a single-frame image slice."""
     if getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", "") == _DICOMDIR_SOP_CLASS:
-        return None
-    if "PixelData" not in ds and "ImagePositionPatient" not in ds:
-        return None
+        return "DICOMDIR index (its series are found by walking the folder)"
+    modality = str(ds.get("Modality", "") or "?")
     needed = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows")
-    if any(ds.get(tag) in (None, "") for tag in needed):
-        return None
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ScanError(
-            path,
-            "is a multi-frame (enhanced) DICOM image, which medseg does not read yet",
-            "convert it to single-frame files or NIfTI (for example with dcm2niix)",
+    if modality not in _NON_IMAGE_MODALITIES and int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return (
+            "multi-frame (enhanced) DICOM image, which medseg does not read yet; convert it "
+            "to single-frame files or NIfTI (for example with dcm2niix)"
         )
+    # Headers are read without pixel data, so image-ness is judged from the geometry tags.
+    if modality in _NON_IMAGE_MODALITIES or any(ds.get(tag) in (None, "") for tag in needed):
+        return f"DICOM {modality} object without image position/orientation (not a slice of a volume)"
     return DicomSlice(
         path=path,
         series_uid=str(ds.get("SeriesInstanceUID", "") or "").strip(),
@@ -126,17 +126,38 @@ def _series_key(s: DicomSlice) -> str:
     return f"geometry:{s.frame_of_reference}|{rounded}|{s.rows}x{s.columns}"
 
 
-def find_series(paths: Iterable[Path]) -> list[DicomSeries]:
-    """Group the DICOM images among ``paths`` into series; non-DICOM files are ignored."""
-    groups: dict[str, list[DicomSlice]] = {}
+def scan_files(paths: Iterable[Path]) -> tuple[list[DicomSlice], list[tuple[Path, str]]]:
+    """The image slices among ``paths``, and every other file with the reason it is not one."""
+    slices: list[DicomSlice] = []
+    others: list[tuple[Path, str]] = []
     for path in paths:
         ds = _read_header(path)
         if ds is None:
+            others.append((path, "not a scan (neither NIfTI/NRRD/MHA by suffix nor DICOM)"))
             continue
         s = _to_slice(path, ds)
-        if s is not None:
-            groups.setdefault(_series_key(s), []).append(s)
+        if isinstance(s, str):
+            others.append((path, s))
+        else:
+            slices.append(s)
+    return slices, others
+
+
+def group_series(slices: Iterable[DicomSlice]) -> list[DicomSeries]:
+    """Slices grouped into series (by UID, or by geometry where the UID is empty)."""
+    groups: dict[str, list[DicomSlice]] = {}
+    for s in slices:
+        groups.setdefault(_series_key(s), []).append(s)
     return [DicomSeries(uid=k, slices=tuple(v)) for k, v in groups.items()]
+
+
+def find_series(paths: Iterable[Path]) -> list[DicomSeries]:
+    """Group the DICOM images among ``paths`` into series; other files are ignored."""
+    slices, others = scan_files(paths)
+    for path, reason in others:
+        if "multi-frame" in reason:
+            raise ScanError(path, f"is a {reason}")
+    return group_series(slices)
 
 
 def find_series_in_folder(folder: Path) -> list[DicomSeries]:
