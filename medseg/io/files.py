@@ -17,7 +17,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final`` (same suffixes, so writers pick the format);
     on success rename it to ``final``, on error delete it."""
     final = Path(final)
-    suffixes = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
+    double = final.name.endswith((".nii.gz", ".seg.nrrd"))
+    suffixes = "".join(final.suffixes[-2:]) if double else final.suffix
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp{suffixes}")
     try:
         yield tmp

@@ -13,6 +13,7 @@ import numpy as np
 
 from medseg.io.files import atomic_path
 from medseg.io.volume import Geometry
+from medseg.spec import LabelSpec
 
 NIFTI_XFORM_SCANNER_ANAT = 1
 
@@ -37,4 +38,63 @@ def write_nifti_labels(labels: np.ndarray, geometry: Geometry, path: Path) -> Pa
     img.header.set_intent("label")
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+    return path
+
+
+def write_color_table(labels: tuple[LabelSpec, ...], path: Path) -> Path:
+    """A 3D Slicer colour table (``.ctbl``: ``index name R G B A`` per line), which every
+    Slicer version loads; background is transparent. Load it with the NIfTI in Slicer and
+    pick it as the label map's colour node to see names and colours."""
+    lines = [f"# medseg colour table: {len(labels)} labels", "# index name R G B A"]
+    for lab in labels:
+        alpha = 0 if lab.value == 0 else 255
+        lines.append(f"{lab.value} {lab.name.replace(' ', '_')} {lab.color[0]} {lab.color[1]} {lab.color[2]} {alpha}")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _extent(mask: np.ndarray) -> list[int]:
+    """Slicer's segment extent [i0, i1, j0, j1, k0, k1] of ``mask``; [0, -1, ...] when empty."""
+    if not mask.any():
+        return [0, -1, 0, -1, 0, -1]
+    out = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        out += [int(present[0]), int(present[-1])]
+    return out
+
+
+def write_seg_nrrd(labels: np.ndarray, geometry: Geometry, spec_labels: tuple[LabelSpec, ...], path: Path) -> Path:
+    """Write ``labels`` (X, Y, Z) as a 3D Slicer segmentation (``.seg.nrrd``) via slicerio.
+
+    One shared layer; every segment gets ID, name, colour (0..1 floats, as Slicer stores
+    them), label value, layer and extent, so Slicer never guesses (see dicom-seg.md #9).
+    """
+    import slicerio
+
+    data = labels.astype(label_dtype(int(labels.max(initial=0))), copy=False)
+    segments = [
+        {
+            "id": f"Segment_{lab.value}",
+            "name": lab.name,
+            "color": [c / 255 for c in lab.color],
+            "labelValue": lab.value,
+            "layer": 0,
+            "extent": _extent(data == lab.value),
+        }
+        for lab in spec_labels
+        if lab.value != 0
+    ]
+    segmentation = {
+        "voxels": data,
+        "ijkToLPS": geometry.affine_lps(),
+        "encoding": "gzip",
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "segments": segments,
+    }
+    with atomic_path(path) as tmp:
+        slicerio.write_segmentation(str(tmp), segmentation)
     return path

@@ -48,3 +48,36 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         tmp.write_bytes(b"partial")
         raise RuntimeError("killed mid-write")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_seg_nrrd_reads_back_in_slicerio_with_names_colours_voxels(tmp_path):
+    import slicerio
+
+    from medseg.io.writers import write_seg_nrrd
+    from medseg.spec import labels_from_names
+
+    geometry = make_geometry((12, 9, 6), (0.7, 1.2, 3.0), direction=rotation((10, -20, 5)))
+    labels = np.zeros(geometry.shape, np.uint8)
+    labels[2:5, 1:4, 1:3] = 1
+    labels[6:10, 5:8, 3:5] = 2
+    spec_labels = labels_from_names(["background", "anterior", "posterior", "absent"])
+    path = write_seg_nrrd(labels, geometry, spec_labels, tmp_path / "s.seg.nrrd")
+    seg = slicerio.read_segmentation(str(path))
+    names = [s["name"] for s in seg["segments"]]
+    assert names == ["anterior", "posterior", "absent"]
+    anterior = seg["segments"][0]
+    np.testing.assert_allclose(anterior["color"], [c / 255 for c in spec_labels[1].color], atol=1e-5)
+    assert anterior["labelValue"] == 1 and anterior["layer"] == 0 and anterior["extent"] == [2, 4, 1, 3, 1, 2]
+    assert seg["segments"][2]["extent"] == [0, -1, 0, -1, 0, -1]
+    np.testing.assert_array_equal(seg["voxels"], labels)
+    np.testing.assert_allclose(seg["ijkToLPS"], geometry.affine_lps(), atol=1e-6)
+
+
+def test_color_table_lines(tmp_path):
+    from medseg.io.writers import write_color_table
+    from medseg.spec import labels_from_names
+
+    path = write_color_table(labels_from_names(["background", "left part"]), tmp_path / "x.ctbl")
+    rows = [line.split() for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert rows[0] == ["0", "background", "0", "0", "0", "0"]
+    assert rows[1][:2] == ["1", "left_part"] and rows[1][-1] == "255"
