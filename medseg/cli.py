@@ -50,9 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    seg = sub.add_parser("segment", help="segment one scan (NIfTI, NRRD, MHA file or DICOM series folder)")
-    seg.add_argument("inputs", type=Path, nargs="+", help="scan files or DICOM series folders")
-    seg.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    seg = sub.add_parser(
+        "segment", help="segment scans: NIfTI/NRRD/MHA files and DICOM series, or every scan in folder trees"
+    )
+    seg.add_argument("inputs", type=Path, nargs="+", help="scan files, DICOM series folders or folders of scans")
+    seg.add_argument("-o", "--output", type=Path, help="output folder (required unless --list)")
+    seg.add_argument("--list", action="store_true", help="print what would be segmented, load no model")
+    seg.add_argument("--formats", default="nifti,seg.nrrd", help="comma-separated: nifti, seg.nrrd")
+    seg.add_argument("--overwrite", action="store_true", help="redo scans finished by an earlier run")
+    seg.add_argument("--shard", default=None, help="I/N: segment every N-th scan from the I-th (0-based)")
+    seg.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     seg.add_argument("--model", type=Path, help="model folder (default: the bundled hippocampus-mr model)")
     seg.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     seg.add_argument(
@@ -104,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
         stream=sys.stderr,
     )
@@ -119,11 +126,14 @@ def _configure_logging(verbose: bool) -> None:
 class _SliceProgress:
     """A tqdm bar over slices, created once the slice count is known."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, disabled: bool = False) -> None:
         self.name = name
+        self.disabled = disabled
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
+        if self.disabled:
+            return
         if self.bar is None:
             from tqdm import tqdm
 
@@ -138,32 +148,76 @@ class _SliceProgress:
             self.bar.close()
 
 
+def _shard(args: argparse.Namespace) -> tuple[int, int]:
+    """--shard I/N, or torchrun's RANK/WORLD_SIZE, or the whole set."""
+    import os
+
+    if args.shard:
+        try:
+            index, count = (int(v) for v in args.shard.split("/"))
+        except ValueError as err:
+            raise ValueError(f"--shard must look like 0/4, got {args.shard!r}") from err
+        return index, count
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _run_list(discovery) -> int:
+    from medseg.io.discover import header_info
+
+    for scan in discovery.scans:
+        size, spacing = header_info(scan)
+        size_text = "x".join(map(str, size)) or "?"
+        spacing_text = "x".join(f"{s:.3g}" for s in spacing) or "?"
+        print(f"{scan.kind:6s} {size_text:>14s} @ {spacing_text:>16s} mm  {scan.name}  {scan.description}")
+    print(f"{len(discovery.scans)} scan(s); {len(discovery.skipped)} other file(s) skipped")
+    return EXIT_OK
+
+
 def _run_segment(args: argparse.Namespace) -> int:
-    from medseg.inference import InferenceOptions, make_predictor, segment_scan
+    from medseg.io.discover import discover_all
+
+    discovery = discover_all(list(args.inputs), args.series_uid)
+    if args.list:
+        return _run_list(discovery)
+    if not discovery.scans:
+        skipped = "; ".join(f"{s.path}: {s.reason}" for s in discovery.skipped[:10])
+        logger.error(
+            "error: no scan found in %s%s", ", ".join(map(str, args.inputs)), f" ({skipped})" if skipped else ""
+        )
+        return EXIT_USAGE
+    if args.output is None:
+        raise ValueError("segment needs -o/--output (or --list)")
+    from tqdm import tqdm
+
+    from medseg.batch.merge import merge_shard_reports
+    from medseg.batch.runner import BatchOptions, BatchRunner
+    from medseg.bundled import default_model_dir
+    from medseg.inference import InferenceOptions, make_predictor
     from medseg.model import load_model
 
+    batch = BatchOptions(tuple(f.strip() for f in args.formats.split(",") if f.strip()), args.overwrite, _shard(args))
     options = InferenceOptions(device=args.device, batch_size=args.batch_size, precision=args.precision)
-    from medseg.bundled import default_model_dir
-    from medseg.errors import ScanError
+    model = load_model(args.model or default_model_dir())  # loaded once for all scans
+    runner = BatchRunner(make_predictor(model, options), args.output, batch, model.sha256)
+    total = len(discovery.scans[batch.shard[0] :: batch.shard[1]])
+    with tqdm(total=total, unit="scan", disable=args.quiet or total < 2) as bar:
 
-    model_dir = args.model or default_model_dir()
-    predictor = make_predictor(load_model(model_dir), options)  # loaded once for all scans
-    names = {lab.value: lab.name for lab in predictor.model.spec.labels}
-    failed = []
-    for source in args.inputs:
-        try:
-            with _SliceProgress(source.name) as progress:
-                result = segment_scan(source, predictor, args.output, args.series_uid, progress)
-        except ScanError as err:  # one bad scan never stops the others
-            logger.error("error: %s", err)
-            failed.append(source)
-            continue
-        found = ", ".join(f"{names.get(v, v)}: {n} voxels" for v, n in result.label_counts.items() if v)
-        print(f"{result.output}  ({result.seconds:.1f} s; {found or 'no foreground found'})")
-    if failed and len(args.inputs) > 1:
-        logger.error("%d of %d scans failed: %s", len(failed), len(args.inputs), ", ".join(map(str, failed)))
-        return EXIT_SOME_FAILED
-    return EXIT_USAGE if failed else EXIT_OK
+        def done(record) -> None:
+            bar.set_postfix_str(f"{record.name[:30]} {record.status} {record.seconds:.1f}s")
+            bar.update()
+
+        with _SliceProgress("slices", disabled=args.quiet or total > 1) as slices:
+            report = runner.run(discovery, done, slices)
+    if batch.shard[1] > 1:
+        merge_shard_reports(args.output, batch.shard[1])
+    for record in report.records:
+        if record.status == "failed":
+            logger.error("FAILED %s at %s: %s (%s)", record.input, record.stage, record.error, record.hint)
+        elif not args.quiet:
+            print(f"{record.status:7s} {record.outputs.get('nifti', '')}  ({record.seconds:.1f} s)")
+    if not args.quiet:
+        print(f"report: {args.output / runner.report_name}")
+    return EXIT_SOME_FAILED if report.failed else EXIT_OK
 
 
 def _run_init_model(args: argparse.Namespace) -> int:
@@ -276,7 +330,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, getattr(args, "quiet", False))
     from medseg.errors import MedsegError
 
     try:

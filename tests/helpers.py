@@ -122,6 +122,7 @@ def write_dicom_series(
     series_uid: str | None = None,
     description: str = "synthetic",
     intercept: float = -1024.0,
+    prefix: str = "img",
 ) -> list[Path]:
     """One CT file per slice (uncompressed, stored as uint16 with ``intercept``).
 
@@ -142,7 +143,7 @@ def write_dicom_series(
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"img{n - k:04d}"
+        path = folder / f"{prefix}{n - k:04d}"
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (

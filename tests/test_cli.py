@@ -21,7 +21,9 @@ def _assert_refused(capsys_or_caplog, code, out_dir, *needles):
     text = capsys_or_caplog.text
     for needle in needles:
         assert needle in text, f"{needle!r} not in {text!r}"
-    assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
+    # Only the run report may be there: no label map, no partial or temporary file.
+    left = [p.name for p in out_dir.iterdir()] if out_dir.exists() else []
+    assert all(name.startswith("medseg-run.") for name in left), left
 
 
 def test_segment_writes_label_map(tmp_path, tiny_model_dir, capsys):
@@ -29,6 +31,7 @@ def test_segment_writes_label_map(tmp_path, tiny_model_dir, capsys):
     scan = write_nifti(tmp_path / "case 1.nii.gz", phantom(geometry.shape), geometry)
     assert _segment(scan, tmp_path / "out", tiny_model_dir) == 0
     assert (tmp_path / "out" / "case_1.nii.gz").is_file()
+    assert (tmp_path / "out" / "case_1.seg.nrrd").is_file() and (tmp_path / "out" / "case_1.ctbl").is_file()
     assert "case_1.nii.gz" in capsys.readouterr().out
 
 
@@ -52,10 +55,10 @@ def _bad_files(tmp_path):
         ("truncated.nii.gz", ["truncated.nii.gz", "cannot be read", "re-copy"]),
         ("zero.nii.gz", ["zero.nii.gz", "0 bytes"]),
         ("text.nii", ["text.nii", "cannot be read"]),
-        ("picture.png", ["picture.png", "not a scan"]),
         ("flat.nii.gz", ["flat.nii.gz", "2D image", "3D"]),
         ("fourd.nii.gz", ["fourd.nii.gz", "2 channel(s)", "model takes 1", "split"]),
         ("nan.nii.gz", ["nan.nii.gz", "NaN"]),
+        ("picture.png", ["picture.png", "not a scan"]),
     ],
 )
 def test_bad_scans_are_refused_clearly(tmp_path, tiny_model_dir, caplog, name, needles):
@@ -64,13 +67,28 @@ def test_bad_scans_are_refused_clearly(tmp_path, tiny_model_dir, caplog, name, n
     _assert_refused(caplog, _segment(tmp_path / name, out, tiny_model_dir), out, *needles)
 
 
-def test_dicom_folder_with_several_series(tmp_path, tiny_model_dir, caplog):
+def test_dicom_folder_with_several_series_segments_each(tmp_path, tiny_model_dir, capsys):
     geometry = make_geometry((16, 16, 4))
     write_dicom_series(tmp_path / "study" / "s1", phantom(geometry.shape), geometry, description="T1")
     write_dicom_series(tmp_path / "study" / "s2", phantom(geometry.shape), geometry, description="T2")
     out = tmp_path / "out"
-    code = _segment(tmp_path / "study", out, tiny_model_dir)
-    _assert_refused(caplog, code, out, "study", "2 DICOM series", "'T1'", "'T2'", "--series-uid")
+    assert _segment(tmp_path / "study", out, tiny_model_dir) == 0
+    names = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert len(names) == 2 and names[0].startswith("s1_S3_T1_") and names[1].startswith("s2_S3_T2_")
+    assert main(["segment", "--list", str(tmp_path / "study")]) == 0
+    listing = capsys.readouterr().out
+    assert "dicom" in listing and "16x16x4" in listing and "2 scan(s)" in listing
+
+
+def test_series_uid_picks_one_series(tmp_path, tiny_model_dir, caplog):
+    geometry = make_geometry((16, 16, 4))
+    write_dicom_series(tmp_path / "study" / "a", phantom(geometry.shape), geometry, series_uid="1.2.3.1")
+    write_dicom_series(tmp_path / "study" / "b", phantom(geometry.shape), geometry, series_uid="1.2.3.2")
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "study"), "-o", str(out), "--model", str(tiny_model_dir)]
+    assert main([*args, "--series-uid", "1.2.3.2"]) == 0
+    assert [p.name.startswith("b_") for p in out.glob("*.nii.gz")] == [True]
+    assert main([*args, "--series-uid", "9.9"]) == 2 and "no DICOM series with UID 9.9" in caplog.text
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import numpy as np
 from medseg.data.manifest import Case, load_manifest
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import dice, surface_metrics
-from medseg.inference.segment import safe_name
+from medseg.io.discover import sanitise
 from medseg.io.readers import read_scan, scan_name
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Evaluation:
 
 def prediction_path(case: Case, pred_dir: Path) -> Path:
     """Where ``medseg segment`` writes the prediction for ``case``."""
-    return pred_dir / f"{safe_name(scan_name(case.image))}.nii.gz"
+    return pred_dir / f"{sanitise(scan_name(case.image))}.nii.gz"
 
 
 def evaluate_case(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,8 @@ from monai.transforms import Compose
 from medseg.errors import ScanError
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import EnsemblePredictor, Progress, SlicePredictor
+from medseg.io.discover import read_source, single_scan
 from medseg.io.monai_reader import volume_to_metatensor
-from medseg.io.readers import read_scan, scan_name
 from medseg.io.volume import Geometry, Volume
 from medseg.io.writers import write_nifti_labels
 from medseg.transforms import build_transforms
@@ -34,12 +33,6 @@ class SegmentResult:
     geometry: Geometry
     label_counts: dict[int, int]
     seconds: float
-
-
-def safe_name(name: str) -> str:
-    """``name`` reduced to ``[A-Za-z0-9._-]`` (never a path), non-empty."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return cleaned or "scan"
 
 
 def to_original_grid(labels: torch.Tensor, image: MetaTensor, transforms: Compose) -> np.ndarray:
@@ -82,10 +75,6 @@ def segment_volume(
     return restored
 
 
-def output_path(source: Path, out_dir: Path) -> Path:
-    return out_dir / f"{safe_name(scan_name(source))}.nii.gz"
-
-
 def segment_scan(
     source: str | Path,
     predictor: SlicePredictor | EnsemblePredictor,
@@ -96,10 +85,11 @@ def segment_scan(
     """Segment the scan at ``source`` and write ``out_dir/<name>.nii.gz`` on its grid."""
     start = time.perf_counter()
     source = Path(source)
-    volume = read_scan(source, series_uid=series_uid)
+    scan = single_scan(source, series_uid)
+    volume = read_source(scan)
     labels = segment_volume(volume, predictor, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    output = write_nifti_labels(labels, volume.geometry, output_path(source, out_dir))
+    output = write_nifti_labels(labels, volume.geometry, out_dir / f"{scan.name}.nii.gz")
     values, counts = np.unique(labels, return_counts=True)
     seconds = time.perf_counter() - start
     logger.debug("%s -> %s (%.1f s)", source, output, seconds)

@@ -16,9 +16,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from medseg.errors import ScanError
 from medseg.io import dicom
-from medseg.io.readers import scan_suffix
+from medseg.io.readers import checked, read_scan, scan_suffix
+from medseg.io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +128,63 @@ def discover(root: str | Path) -> Discovery:
     names = _unique([f[3] for f in found])
     scans = tuple(ScanSource(kind, path, name, series) for (kind, path, series, _), name in zip(found, names))
     return Discovery(root, scans, tuple(sorted(skipped, key=lambda s: str(s.path))))
+
+
+def discover_all(roots: list[Path], series_uid: str | None = None) -> Discovery:
+    """Discover each of ``roots`` (files or folders) into one Discovery with unique names;
+    ``series_uid`` keeps only that DICOM series."""
+    parts = [discover(r) for r in roots]
+    scans = [s for p in parts for s in p.scans]
+    if series_uid is not None:
+        scans = [s for s in scans if s.series is not None and s.series.uid == series_uid]
+        if not scans:
+            raise ScanError(roots[0], f"holds no DICOM series with UID {series_uid}", "list the scans with --list")
+    names = _unique([s.name for s in scans])
+    unique = tuple(ScanSource(s.kind, s.path, n, s.series) for s, n in zip(scans, names))
+    root = roots[0] if len(roots) == 1 else Path(os.path.commonpath([str(r) for r in roots]))
+    return Discovery(root, unique, tuple(k for p in parts for k in p.skipped))
+
+
+def header_info(scan: ScanSource) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(size, spacing) of ``scan`` from headers only (no voxels read); empty if unreadable."""
+    try:
+        if scan.series is not None:
+            first = scan.series.slices[0]
+            normal = np.cross(first.orientation[:3], first.orientation[3:])
+            along = np.sort([np.dot(s.position, normal) for s in scan.series.slices])
+            step = float(np.median(np.diff(along))) if len(along) > 1 else 0.0
+            size = (first.columns, first.rows, len(scan.series.slices))
+            return size, (first.pixel_spacing[1], first.pixel_spacing[0], step)
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(scan.path))
+        reader.ReadImageInformation()
+        return tuple(reader.GetSize()), tuple(reader.GetSpacing())
+    except Exception:  # --list must show every scan, readable or not
+        return (), ()
+
+
+def read_source(scan: ScanSource) -> Volume:
+    """The Volume of a discovered scan (a DICOM series is read from its known slices)."""
+    if scan.series is not None:
+        return checked(dicom.read_series(scan.series))
+    return read_scan(scan.path)
+
+
+def single_scan(source: Path, series_uid: str | None = None) -> ScanSource:
+    """The one scan at ``source``; ScanError when there is none or several."""
+    found = discover_all([source], series_uid)
+    if len(found.scans) == 1:
+        return found.scans[0]
+    if not found.scans:
+        reason = found.skipped[0].reason if found.skipped else "holds no scan"
+        raise ScanError(
+            source, f"is not a scan medseg can read: {reason}", "give a NIfTI/NRRD/MHA file or a DICOM series"
+        )
+    listing = "; ".join(f"{s.name} ({s.description or s.kind})" for s in found.scans[:10])
+    raise ScanError(
+        source,
+        f"holds {len(found.scans)} scans where one was asked for: {listing}",
+        "segment the whole folder with 'medseg segment', or pick a series with --series-uid",
+    )

@@ -65,7 +65,7 @@ def read_scan(path: str | Path, series_uid: str | None = None) -> Volume:
             volume = _read_nifti(path)
         else:
             volume = _read_itk(path)
-    return _checked(volume)
+    return checked(volume)
 
 
 def _read_nifti(path: Path) -> Volume:
@@ -133,7 +133,7 @@ def _not_3d(path: Path, shape: tuple[int, ...]) -> ScanError:
     )
 
 
-def _checked(volume: Volume) -> Volume:
+def checked(volume: Volume) -> Volume:
     """Refuse flat or empty volumes; replace scattered non-finite voxels with the minimum."""
     path = volume.source
     if min(volume.geometry.shape) < 2:

@@ -83,6 +83,7 @@ def test_cli_segments_real_crop_series_with_article_unet(shared_data, tmp_path, 
     series = shared_data / "dicom_mr_studies/Study1/13_HCropVolume"
     code = main(["segment", str(series), "-o", str(tmp_path), "--model", str(tiny_model_dir)])
     assert code == 0
-    out = sitk.ReadImage(str(tmp_path / "13_HCropVolume.nii.gz"))
+    (output,) = tmp_path.glob("13_HCropVolume_HippoCrop_*.nii.gz")
+    out = sitk.ReadImage(str(output))
     assert _itk_geometry(out).mismatch(_itk_geometry(_itk_series(series))) is None
     assert set(np.unique(sitk.GetArrayFromImage(out))) <= {0, 1, 2}

@@ -75,7 +75,7 @@ def test_dicom_series_input(tmp_path):
     write_dicom_series(tmp_path / "Series 3 (T1)", array, geometry)
     predictor = SlicePredictor(threshold_model(LOW, HIGH))
     result = segment_scan(tmp_path / "Series 3 (T1)", predictor, tmp_path / "out")
-    assert result.output.name == "Series_3_T1.nii.gz"
+    assert result.output.name.startswith("Series_3_T1__S3_synthetic_")  # sanitised, with a UID hash
     # DICOM positions carry 6 decimals: the grid agrees to well under 1e-4 mm.
     _check_output(result, geometry, threshold_labels(array, LOW, HIGH))
 

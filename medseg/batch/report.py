@@ -1,0 +1,119 @@
+"""The run report of a batch: one record per scan, written after every scan.
+
+``OUT_DIR/medseg-run.json`` (everything) and ``OUT_DIR/medseg-run.csv`` (one row per scan)
+are rewritten atomically after each scan, so a killed run leaves a complete report of what
+finished, which the next run uses to resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medseg.io.files import atomic_path
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON = "medseg-run.json"
+REPORT_CSV = "medseg-run.csv"
+STAGES = ("discover", "read", "preprocess", "infer", "write")
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """What happened to one scan. ``status``: "ok", "failed" or "skipped" (done before)."""
+
+    name: str
+    input: str
+    kind: str
+    status: str
+    series_uid: str = ""
+    description: str = ""
+    shape: tuple[int, ...] = ()
+    spacing: tuple[float, ...] = ()
+    outputs: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    stage: str = ""
+    error: str = ""
+    hint: str = ""
+    fingerprint: str = ""
+
+
+@dataclass
+class RunReport:
+    """All records of a run plus what it ran with; ``skipped_files`` are non-scans found."""
+
+    records: list[ScanRecord] = field(default_factory=list)
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[ScanRecord]:
+        return [r for r in self.records if r.status == "failed"]
+
+    def write(self, out_dir: Path, name: str = REPORT_JSON) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "settings": self.settings,
+            "summary": {
+                "scans": len(self.records),
+                "ok": sum(r.status == "ok" for r in self.records),
+                "skipped_done_before": sum(r.status == "skipped" for r in self.records),
+                "failed": len(self.failed),
+                "non_scan_files": len(self.skipped_files),
+            },
+            "scans": [dataclasses.asdict(r) for r in self.records],
+            "non_scan_files": self.skipped_files,
+        }
+        with atomic_path(out_dir / name) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        buffer = io.StringIO()
+        columns = [f.name for f in dataclasses.fields(ScanRecord)]
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        for r in self.records:
+            row = dataclasses.asdict(r)
+            row["outputs"] = ";".join(f"{k}={v}" for k, v in r.outputs.items())
+            row["shape"] = "x".join(map(str, r.shape))
+            row["spacing"] = "x".join(f"{s:.6g}" for s in r.spacing)
+            writer.writerow(row)
+        with atomic_path(out_dir / Path(name).with_suffix(".csv").name) as tmp:
+            tmp.write_text(buffer.getvalue())
+
+
+def load_records(out_dir: Path, name: str = REPORT_JSON) -> dict[str, ScanRecord]:
+    """Records of an earlier run in ``out_dir`` by scan name (empty if none or unreadable)."""
+    path = out_dir / name
+    if not path.is_file():
+        return {}
+    try:
+        scans = json.loads(path.read_text())["scans"]
+        known = {f.name for f in dataclasses.fields(ScanRecord)}
+        records = [ScanRecord(**{k: v for k, v in s.items() if k in known}) for s in scans]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        logger.warning("%s: unreadable earlier report (%s); redoing every scan", path, err)
+        return {}
+    return {r.name: r for r in records}
+
+
+def environment() -> dict[str, str]:
+    """Versions and machine, for the report."""
+    import monai
+    import torch
+
+    import medseg
+
+    return {
+        "medseg": medseg.__version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }

@@ -1,0 +1,196 @@
+"""Segment every scan under a folder with one loaded model; survive anything in the folder.
+
+discover -> for each scan: read -> preprocess + infer -> write each format (atomically)
+-> record. One failing scan never stops the run: its record holds the stage, the error
+and a hint. Re-running the same command skips scans whose outputs all exist and whose
+record matches (input fingerprint, model hash, options); ``overwrite`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.batch.report import RunReport, ScanRecord, environment, load_records
+from medseg.errors import FileProblem
+from medseg.inference.predictor import EnsemblePredictor, Progress, SlicePredictor
+from medseg.inference.segment import segment_volume
+from medseg.io.discover import Discovery, ScanSource, discover, read_source
+from medseg.io.volume import Volume
+from medseg.io.writers import write_color_table, write_nifti_labels, write_seg_nrrd
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("nifti", "seg.nrrd")
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """``formats`` to write; ``overwrite`` redoes finished scans; ``shard`` (i, n) keeps
+    scans i, i+n, i+2n, ... of the sorted discovery."""
+
+    formats: tuple[str, ...] = ("nifti", "seg.nrrd")
+    overwrite: bool = False
+    shard: tuple[int, int] = (0, 1)
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ValueError(f"unknown output format(s) {unknown}; choose from {FORMATS}")
+        index, count = self.shard
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
+
+
+def output_paths(name: str, out_dir: Path, formats: tuple[str, ...]) -> dict[str, Path]:
+    paths: dict[str, Path] = {}
+    if "nifti" in formats:
+        paths["nifti"] = out_dir / f"{name}.nii.gz"
+        paths["color-table"] = out_dir / f"{name}.ctbl"
+    if "seg.nrrd" in formats:
+        paths["seg.nrrd"] = out_dir / f"{name}.seg.nrrd"
+    return paths
+
+
+def fingerprint(scan: ScanSource, model_hash: str, options: BatchOptions) -> str:
+    """Changes when the input files, the model or the output options change."""
+    files = [s.path for s in scan.series.slices] if scan.series is not None else [scan.path]
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    digest.update(f"{model_hash}|{sorted(options.formats)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _hint(err: Exception) -> str:
+    if isinstance(err, FileProblem):
+        return err.hint
+    if isinstance(err, MemoryError):
+        return "not enough memory for this scan: close other programs or use a smaller --batch-size"
+    if isinstance(err, OSError):
+        return "check permissions and free space of the input and output folders"
+    return "unexpected: please report it with this run report"
+
+
+class BatchRunner:
+    """Runs one model over discovered scans, writing outputs and the report in ``out_dir``."""
+
+    def __init__(
+        self,
+        predictor: SlicePredictor | EnsemblePredictor,
+        out_dir: Path,
+        options: BatchOptions = BatchOptions(),
+        model_hash: str = "",
+    ) -> None:
+        self.predictor = predictor
+        self.out_dir = out_dir
+        self.options = options
+        self.model_hash = model_hash
+
+    def run(
+        self,
+        discovery: Discovery,
+        progress: Callable[[ScanRecord], None] | None = None,
+        slice_progress: Progress | None = None,
+    ) -> RunReport:
+        index, count = self.options.shard
+        scans = discovery.scans[index::count]
+        report = RunReport(
+            skipped_files=[{"path": str(s.path), "reason": s.reason} for s in discovery.skipped],
+            settings={
+                **environment(),
+                "input": str(discovery.root),
+                "model": str(self.predictor.model.folder),
+                "model_sha256": self.model_hash,
+                "device": str(getattr(self.predictor, "device", "cpu")),
+                "formats": list(self.options.formats),
+                "shard": f"{index}/{count}",
+            },
+        )
+        previous = {} if self.options.overwrite else load_records(self.out_dir, self.report_name)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for scan in scans:
+            record = self._one(scan, previous.get(scan.name), slice_progress)
+            report.records.append(record)
+            report.write(self.out_dir, self.report_name)
+            if progress is not None:
+                progress(record)
+        report.settings["complete"] = True  # a merge of shard parts waits for this
+        report.write(self.out_dir, self.report_name)
+        return report
+
+    @property
+    def report_name(self) -> str:
+        index, count = self.options.shard
+        return "medseg-run.json" if count == 1 else f"medseg-run.part{index}of{count}.json"
+
+    def _one(self, scan: ScanSource, before: ScanRecord | None, slice_progress: Progress | None) -> ScanRecord:
+        outputs = output_paths(scan.name, self.out_dir, self.options.formats)
+        base = {
+            "name": scan.name,
+            "input": str(scan.path),
+            "kind": scan.kind,
+            "series_uid": scan.series.uid if scan.series is not None else "",
+            "description": scan.description,
+        }
+        stage = "discover"
+        start = time.perf_counter()
+        try:
+            key = fingerprint(scan, self.model_hash, self.options)
+            done = before is not None and before.status in ("ok", "skipped") and before.fingerprint == key
+            if done and all(p.is_file() for p in outputs.values()):
+                logger.info("%s: done before, skipped", scan.name)
+                return dataclasses.replace(before, status="skipped")
+            stage = "read"
+            volume = read_source(scan)
+            stage = "infer"
+            labels = segment_volume(volume, self.predictor, slice_progress)
+            stage = "write"
+            self._write(labels, volume, outputs)
+        except Exception as err:  # one scan's failure must never stop the batch
+            logger.error("%s: failed at %s: %s", scan.name, stage, err)
+            return ScanRecord(
+                **base,
+                status="failed",
+                stage=stage,
+                error=f"{type(err).__name__}: {err}",
+                hint=_hint(err),
+                seconds=round(time.perf_counter() - start, 3),
+            )
+        return ScanRecord(
+            **base,
+            status="ok",
+            shape=tuple(volume.geometry.shape),
+            spacing=tuple(round(s, 6) for s in volume.geometry.spacing),
+            outputs={k: str(v) for k, v in outputs.items()},
+            seconds=round(time.perf_counter() - start, 3),
+            fingerprint=key,
+        )
+
+    def _write(self, labels: np.ndarray, volume: Volume, outputs: dict[str, Path]) -> None:
+        spec_labels = self.predictor.model.spec.labels
+        if "nifti" in outputs:
+            write_nifti_labels(labels, volume.geometry, outputs["nifti"])
+            write_color_table(spec_labels, outputs["color-table"])
+        if "seg.nrrd" in outputs:
+            write_seg_nrrd(labels, volume.geometry, spec_labels, outputs["seg.nrrd"])
+
+
+def run_folder(
+    root: Path,
+    predictor: SlicePredictor | EnsemblePredictor,
+    out_dir: Path,
+    options: BatchOptions = BatchOptions(),
+    model_hash: str = "",
+    progress: Callable[[ScanRecord], None] | None = None,
+) -> RunReport:
+    """Discover the scans under ``root`` and segment them all (see :class:`BatchRunner`)."""
+    return BatchRunner(predictor, out_dir, options, model_hash).run(discover(root), progress)

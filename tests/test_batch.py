@@ -1,0 +1,84 @@
+"""Batch segmentation of a folder that mixes good scans with broken ones; resume."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import make_geometry, phantom, rotation, write_dicom_series, write_itk, write_nifti
+
+from medseg.batch.runner import BatchOptions, run_folder
+from medseg.inference import make_predictor
+from medseg.io.readers import read_scan
+from medseg.model import load_model
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "scans"
+    g = make_geometry((20, 24, 9), (0.9, 0.8, 2.5), direction=rotation((8, 0, 15)))
+    write_nifti((root / "sub-01").mkdir(parents=True) or root / "sub-01" / "t1.nii.gz", phantom(g.shape), g)
+    write_itk(root / "sub-02.nrrd", phantom(g.shape, seed=1), g)
+    write_dicom_series(root / "dicom" / "study", np.round(phantom(g.shape)), g, description="T1 axial")
+    write_dicom_series(root / "dicom" / "study", np.round(phantom(g.shape)), g, description="T2 axial", prefix="t2_")
+    bad = root / "bad"
+    bad.mkdir()
+    good_bytes = (root / "sub-01" / "t1.nii.gz").read_bytes()
+    (bad / "truncated.nii.gz").write_bytes(good_bytes[: len(good_bytes) // 3])
+    (bad / "zero.nii.gz").touch()
+    (bad / "notes.nii").write_text("not an image")
+    (bad / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))
+    write_nifti(bad / "nan.nii.gz", np.full(g.shape, np.nan, np.float32), g)
+    paths = write_dicom_series(bad / "gap", np.round(phantom(g.shape)), g)
+    paths[4].unlink()
+    return root
+
+
+def test_batch_survives_bad_scans_and_resumes(folder, tmp_path, tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    out = tmp_path / "out"
+    report = run_folder(folder, make_predictor(model), out, model_hash=model.sha256)
+    by_name = {r.name: r for r in report.records}
+    ok = sorted(n for n, r in by_name.items() if r.status == "ok")
+    failed = {n: r for n, r in by_name.items() if r.status == "failed"}
+    assert len(ok) == 4, ok  # NIfTI, NRRD and the two series sharing one folder
+    assert {r.kind for n, r in by_name.items() if r.status == "ok"} == {"nifti", "nrrd", "dicom"}
+    names = sorted(failed)
+    assert names[0].startswith("bad__gap_S3_synthetic_")
+    assert names[1:] == ["bad__nan", "bad__notes", "bad__truncated", "bad__zero"]
+    assert failed["bad__truncated"].stage == "read" and "re-copy" in failed["bad__truncated"].hint
+    assert "missing slices" in next(r.error for n, r in failed.items() if n.startswith("bad__gap"))
+    assert any(s["path"].endswith("photo.png") for s in report.skipped_files)
+    for name in ok:
+        record = by_name[name]
+        labels = read_scan(record.outputs["nifti"])
+        source = read_scan(record.input) if record.kind != "dicom" else None
+        if source is not None:
+            assert labels.geometry.mismatch(source.geometry) is None
+        assert (out / f"{name}.seg.nrrd").is_file() and (out / f"{name}.ctbl").is_file()
+    saved = json.loads((out / "medseg-run.json").read_text())
+    assert saved["summary"]["failed"] == 5 and saved["summary"]["ok"] == 4
+    assert saved["settings"]["model_sha256"] == model.sha256 and "torch" in saved["settings"]
+    assert (out / "medseg-run.csv").read_text().count("\n") == 10
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    again = run_folder(folder, make_predictor(model), out, model_hash=model.sha256)
+    assert sorted(r.name for r in again.records if r.status == "skipped") == ok
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")} == mtimes
+
+    redo = run_folder(folder, make_predictor(model), out, BatchOptions(overwrite=True), model.sha256)
+    assert sorted(r.name for r in redo.records if r.status == "ok") == ok
+
+
+def test_changed_input_is_redone(folder, tmp_path, tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    out = tmp_path / "out"
+    shutil.rmtree(folder / "bad")
+    run_folder(folder, make_predictor(model), out, model_hash=model.sha256)
+    g = make_geometry((20, 24, 9), (0.9, 0.8, 2.5))
+    write_itk(folder / "sub-02.nrrd", phantom(g.shape, seed=5), g)
+    again = {r.name: r.status for r in run_folder(folder, make_predictor(model), out, model_hash=model.sha256).records}
+    assert again["sub-02"] == "ok" and again["sub-01__t1"] == "skipped"
+    assert nib.load(str(out / "sub-02.nii.gz")).shape == g.shape
