@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("inputs", type=Path, nargs="+", help="scan files, DICOM series folders or folders of scans")
     seg.add_argument("-o", "--output", type=Path, help="output folder (required unless --list)")
     seg.add_argument("--list", action="store_true", help="print what would be segmented, load no model")
-    seg.add_argument("--formats", default="nifti,seg.nrrd", help="comma-separated: nifti, seg.nrrd")
+    seg.add_argument("--formats", default="nifti,seg.nrrd", help="comma-separated: nifti, seg.nrrd, dicom-seg")
+    seg.add_argument("--dicom-seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
     seg.add_argument("--overwrite", action="store_true", help="redo scans finished by an earlier run")
     seg.add_argument("--shard", default=None, help="I/N: segment every N-th scan from the I-th (0-based)")
     seg.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
@@ -195,7 +196,8 @@ def _run_segment(args: argparse.Namespace) -> int:
     from medseg.inference import InferenceOptions, make_predictor
     from medseg.model import load_model
 
-    batch = BatchOptions(tuple(f.strip() for f in args.formats.split(",") if f.strip()), args.overwrite, _shard(args))
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    batch = BatchOptions(formats, args.overwrite, _shard(args), args.dicom_seg_type)
     options = InferenceOptions(device=args.device, batch_size=args.batch_size, precision=args.precision)
     model = load_model(args.model or default_model_dir())  # loaded once for all scans
     runner = BatchRunner(make_predictor(model, options), args.output, batch, model.sha256)

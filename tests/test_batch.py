@@ -82,3 +82,19 @@ def test_changed_input_is_redone(folder, tmp_path, tiny_model_dir):
     again = {r.name: r.status for r in run_folder(folder, make_predictor(model), out, model_hash=model.sha256).records}
     assert again["sub-02"] == "ok" and again["sub-01__t1"] == "skipped"
     assert nib.load(str(out / "sub-02.nii.gz")).shape == g.shape
+
+
+def test_dicom_seg_output_for_dicom_inputs_only(folder, tmp_path, tiny_model_dir):
+    import highdicom as hd
+
+    model = load_model(tiny_model_dir)
+    shutil.rmtree(folder / "bad")
+    options = BatchOptions(formats=("nifti", "dicom-seg"))
+    report = run_folder(folder, make_predictor(model), tmp_path / "out", options, model.sha256)
+    dicom_records = [r for r in report.records if r.kind == "dicom"]
+    assert len(dicom_records) == 2
+    for record in dicom_records:
+        seg = hd.seg.segread(record.outputs["dicom-seg"])
+        assert seg.SegmentationType == "BINARY" and seg.NumberOfFrames > 0
+    nifti_record = next(r for r in report.records if r.kind == "nifti")
+    assert "dicom-seg" not in nifti_record.outputs and "not DICOM" in nifti_record.warnings[0]

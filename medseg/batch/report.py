@@ -43,6 +43,7 @@ class ScanRecord:
     stage: str = ""
     error: str = ""
     hint: str = ""
+    warnings: tuple[str, ...] = ()
     fingerprint: str = ""
 
 
@@ -83,6 +84,7 @@ class RunReport:
             row["outputs"] = ";".join(f"{k}={v}" for k, v in r.outputs.items())
             row["shape"] = "x".join(map(str, r.shape))
             row["spacing"] = "x".join(f"{s:.6g}" for s in r.spacing)
+            row["warnings"] = " | ".join(r.warnings)
             writer.writerow(row)
         with atomic_path(out_dir / Path(name).with_suffix(".csv").name) as tmp:
             tmp.write_text(buffer.getvalue())

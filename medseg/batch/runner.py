@@ -22,23 +22,26 @@ from medseg.batch.report import RunReport, ScanRecord, environment, load_records
 from medseg.errors import FileProblem
 from medseg.inference.predictor import EnsemblePredictor, Progress, SlicePredictor
 from medseg.inference.segment import segment_volume
+from medseg.io.dicom_seg import DicomSegUnavailable, write_dicom_seg
 from medseg.io.discover import Discovery, ScanSource, discover, read_source
 from medseg.io.volume import Volume
 from medseg.io.writers import write_color_table, write_nifti_labels, write_seg_nrrd
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("nifti", "seg.nrrd")
+FORMATS = ("nifti", "seg.nrrd", "dicom-seg")
 
 
 @dataclass(frozen=True)
 class BatchOptions:
     """``formats`` to write; ``overwrite`` redoes finished scans; ``shard`` (i, n) keeps
-    scans i, i+n, i+2n, ... of the sorted discovery."""
+    scans i, i+n, i+2n, ... of the sorted discovery; ``dicom_seg_type`` "binary" (valid for
+    every viewer, uncompressed) or "labelmap" (compact, newer SOP class)."""
 
     formats: tuple[str, ...] = ("nifti", "seg.nrrd")
     overwrite: bool = False
     shard: tuple[int, int] = (0, 1)
+    dicom_seg_type: str = "binary"
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -49,13 +52,17 @@ class BatchOptions:
             raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
 
 
-def output_paths(name: str, out_dir: Path, formats: tuple[str, ...]) -> dict[str, Path]:
+def output_paths(scan: ScanSource, out_dir: Path, formats: tuple[str, ...]) -> dict[str, Path]:
+    """Output files per format; "dicom-seg" only for DICOM inputs."""
+    name = scan.name
     paths: dict[str, Path] = {}
     if "nifti" in formats:
         paths["nifti"] = out_dir / f"{name}.nii.gz"
         paths["color-table"] = out_dir / f"{name}.ctbl"
     if "seg.nrrd" in formats:
         paths["seg.nrrd"] = out_dir / f"{name}.seg.nrrd"
+    if "dicom-seg" in formats and scan.series is not None:
+        paths["dicom-seg"] = out_dir / f"{name}.seg.dcm"
     return paths
 
 
@@ -66,7 +73,7 @@ def fingerprint(scan: ScanSource, model_hash: str, options: BatchOptions) -> str
     for path in sorted(files):
         stat = path.stat()
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    digest.update(f"{model_hash}|{sorted(options.formats)}".encode())
+    digest.update(f"{model_hash}|{sorted(options.formats)}|{options.dicom_seg_type}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -133,7 +140,7 @@ class BatchRunner:
         return "medseg-run.json" if count == 1 else f"medseg-run.part{index}of{count}.json"
 
     def _one(self, scan: ScanSource, before: ScanRecord | None, slice_progress: Progress | None) -> ScanRecord:
-        outputs = output_paths(scan.name, self.out_dir, self.options.formats)
+        outputs = output_paths(scan, self.out_dir, self.options.formats)
         base = {
             "name": scan.name,
             "input": str(scan.path),
@@ -146,7 +153,8 @@ class BatchRunner:
         try:
             key = fingerprint(scan, self.model_hash, self.options)
             done = before is not None and before.status in ("ok", "skipped") and before.fingerprint == key
-            if done and all(p.is_file() for p in outputs.values()):
+            expected = [Path(p) for p in before.outputs.values()] if done else []
+            if done and expected and all(p.is_file() for p in expected):
                 logger.info("%s: done before, skipped", scan.name)
                 return dataclasses.replace(before, status="skipped")
             stage = "read"
@@ -154,7 +162,7 @@ class BatchRunner:
             stage = "infer"
             labels = segment_volume(volume, self.predictor, slice_progress)
             stage = "write"
-            self._write(labels, volume, outputs)
+            warnings = self._write(labels, volume, scan, outputs)
         except Exception as err:  # one scan's failure must never stop the batch
             logger.error("%s: failed at %s: %s", scan.name, stage, err)
             return ScanRecord(
@@ -170,18 +178,34 @@ class BatchRunner:
             status="ok",
             shape=tuple(volume.geometry.shape),
             spacing=tuple(round(s, 6) for s in volume.geometry.spacing),
-            outputs={k: str(v) for k, v in outputs.items()},
+            outputs={k: str(v) for k, v in outputs.items() if v.is_file()},
             seconds=round(time.perf_counter() - start, 3),
+            warnings=tuple(warnings),
             fingerprint=key,
         )
 
-    def _write(self, labels: np.ndarray, volume: Volume, outputs: dict[str, Path]) -> None:
-        spec_labels = self.predictor.model.spec.labels
+    def _write(self, labels: np.ndarray, volume: Volume, scan: ScanSource, outputs: dict[str, Path]) -> list[str]:
+        """Write every requested output; returns warnings (an output that cannot exist)."""
+        spec = self.predictor.model.spec
+        spec_labels = spec.labels
+        warnings = []
         if "nifti" in outputs:
             write_nifti_labels(labels, volume.geometry, outputs["nifti"])
             write_color_table(spec_labels, outputs["color-table"])
         if "seg.nrrd" in outputs:
             write_seg_nrrd(labels, volume.geometry, spec_labels, outputs["seg.nrrd"])
+        if "dicom-seg" in self.options.formats and scan.series is None:
+            warnings.append("dicom-seg: not written, the input is not DICOM")
+        if "dicom-seg" in outputs:
+            try:
+                write_dicom_seg(
+                    labels, scan.series, spec_labels, outputs["dicom-seg"], self.options.dicom_seg_type, spec.name
+                )
+            except DicomSegUnavailable as err:
+                warnings.append(str(err))
+        for warning in warnings:
+            logger.warning("%s: %s", scan.name, warning)
+        return warnings
 
 
 def run_folder(

@@ -306,3 +306,8 @@ def read_series(series: DicomSeries) -> Volume:
     )
     description = " ".join(p for p in (first.series_number, first.series_description) if p)
     return Volume(array[None], geometry, series.folder, description)
+
+
+def ordered_slices(series: DicomSeries) -> list[DicomSlice]:
+    """The slices of a valid ``series`` in the order a Volume's k axis follows."""
+    return _check_series(series)[0]
