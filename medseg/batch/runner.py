@@ -66,6 +66,13 @@ def output_paths(scan: ScanSource, out_dir: Path, formats: tuple[str, ...]) -> d
     return paths
 
 
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete temporary files a killed run left (never a finished output: those are renamed)."""
+    for tmp in out_dir.glob(".*.tmp*"):
+        logger.info("removing %s left by an interrupted run", tmp.name)
+        tmp.unlink(missing_ok=True)
+
+
 def fingerprint(scan: ScanSource, model_hash: str, options: BatchOptions) -> str:
     """Changes when the input files, the model or the output options change."""
     files = [s.path for s in scan.series.slices] if scan.series is not None else [scan.path]
@@ -124,6 +131,7 @@ class BatchRunner:
         )
         previous = {} if self.options.overwrite else load_records(self.out_dir, self.report_name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out_dir)
         for scan in scans:
             record = self._one(scan, previous.get(scan.name), slice_progress)
             report.records.append(record)
