@@ -1,6 +1,7 @@
 """Batch segmentation of a folder that mixes good scans with broken ones; resume."""
 
 import json
+import os
 import shutil
 
 import nibabel as nib
@@ -32,6 +33,9 @@ def folder(tmp_path):
     write_nifti(bad / "nan.nii.gz", np.full(g.shape, np.nan, np.float32), g)
     paths = write_dicom_series(bad / "gap", np.round(phantom(g.shape)), g)
     paths[4].unlink()
+    paths = write_dicom_series(bad / "dup", np.round(phantom(g.shape)), g)
+    shutil.copy(paths[2], bad / "dup" / "copy")
+    write_nifti(bad / "fourd.nii.gz", np.stack([phantom(g.shape)] * 2, axis=-1), g)
     return root
 
 
@@ -43,10 +47,13 @@ def test_batch_survives_bad_scans_and_resumes(folder, tmp_path, tiny_model_dir):
     ok = sorted(n for n, r in by_name.items() if r.status == "ok")
     failed = {n: r for n, r in by_name.items() if r.status == "failed"}
     assert len(ok) == 4, ok  # NIfTI, NRRD and the two series sharing one folder
+    # (the duplicated file keeps its SOP UID: it joins the "dup" series and breaks it)
     assert {r.kind for n, r in by_name.items() if r.status == "ok"} == {"nifti", "nrrd", "dicom"}
     names = sorted(failed)
-    assert names[0].startswith("bad__gap_S3_synthetic_")
-    assert names[1:] == ["bad__nan", "bad__notes", "bad__truncated", "bad__zero"]
+    assert names[0].startswith("bad__dup_S3_synthetic_") and names[2].startswith("bad__gap_S3_synthetic_")
+    assert names[1] == "bad__fourd" and names[3:] == ["bad__nan", "bad__notes", "bad__truncated", "bad__zero"]
+    assert "duplicate slice position" in failed[names[0]].error
+    assert failed["bad__fourd"].stage == "infer" and "2 channel(s)" in failed["bad__fourd"].error
     assert failed["bad__truncated"].stage == "read" and "re-copy" in failed["bad__truncated"].hint
     assert "missing slices" in next(r.error for n, r in failed.items() if n.startswith("bad__gap"))
     assert any(s["path"].endswith("photo.png") for s in report.skipped_files)
@@ -58,9 +65,9 @@ def test_batch_survives_bad_scans_and_resumes(folder, tmp_path, tiny_model_dir):
             assert labels.geometry.mismatch(source.geometry) is None
         assert (out / f"{name}.seg.nrrd").is_file() and (out / f"{name}.ctbl").is_file()
     saved = json.loads((out / "medseg-run.json").read_text())
-    assert saved["summary"]["failed"] == 5 and saved["summary"]["ok"] == 4
+    assert saved["summary"]["failed"] == 7 and saved["summary"]["ok"] == 4
     assert saved["settings"]["model_sha256"] == model.sha256 and "torch" in saved["settings"]
-    assert (out / "medseg-run.csv").read_text().count("\n") == 10
+    assert (out / "medseg-run.csv").read_text().count("\n") == 12
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
@@ -98,3 +105,26 @@ def test_dicom_seg_output_for_dicom_inputs_only(folder, tmp_path, tiny_model_dir
         assert seg.SegmentationType == "BINARY" and seg.NumberOfFrames > 0
     nifti_record = next(r for r in report.records if r.kind == "nifti")
     assert "dicom-seg" not in nifti_record.outputs and "not DICOM" in nifti_record.warnings[0]
+
+
+def test_write_failure_is_recorded_and_others_continue(folder, tmp_path, tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    shutil.rmtree(folder / "bad")
+    out = tmp_path / "out"
+    (out / "sub-02.nii.gz").mkdir(parents=True)  # a folder where the output file must go
+    report = run_folder(folder, make_predictor(model), out, model_hash=model.sha256)
+    status = {r.name: r for r in report.records}
+    assert status["sub-02"].status == "failed" and status["sub-02"].stage == "write"
+    assert "permissions and free space" in status["sub-02"].hint
+    assert status["sub-01__t1"].status == "ok"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_recorded(folder, tmp_path, tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    shutil.rmtree(folder / "bad")
+    (folder / "sub-02.nrrd").chmod(0)
+    report = run_folder(folder, make_predictor(model), tmp_path / "out", model_hash=model.sha256)
+    record = next(r for r in report.records if r.name == "sub-02")
+    assert record.status == "failed" and record.stage in ("discover", "read")
