@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--list", action="store_true", help="print what would be segmented, load no model")
     seg.add_argument("--formats", default="nifti,seg.nrrd", help="comma-separated: nifti, seg.nrrd, dicom-seg")
     seg.add_argument("--dicom-seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
+    seg.add_argument(
+        "--probabilities",
+        choices=("uint8", "float32"),
+        help="also write one probability map per label (uint8: scaled 0-255 with a NIfTI slope)",
+    )
     seg.add_argument("--overwrite", action="store_true", help="redo scans finished by an earlier run")
     seg.add_argument("--shard", default=None, help="I/N: segment every N-th scan from the I-th (0-based)")
     seg.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
@@ -197,7 +202,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     from medseg.model import load_model
 
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    batch = BatchOptions(formats, args.overwrite, _shard(args), args.dicom_seg_type)
+    batch = BatchOptions(formats, args.overwrite, _shard(args), args.dicom_seg_type, args.probabilities)
     options = InferenceOptions(device=args.device, batch_size=args.batch_size, precision=args.precision)
     model = load_model(args.model or default_model_dir())  # loaded once for all scans
     runner = BatchRunner(make_predictor(model, options), args.output, batch, model.sha256)

@@ -128,3 +128,27 @@ def test_unreadable_file_is_recorded(folder, tmp_path, tiny_model_dir):
     report = run_folder(folder, make_predictor(model), tmp_path / "out", model_hash=model.sha256)
     record = next(r for r in report.records if r.name == "sub-02")
     assert record.status == "failed" and record.stage in ("discover", "read")
+
+
+def test_probability_maps_match_labels_and_grid(folder, tmp_path, tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    shutil.rmtree(folder / "bad")
+    shutil.rmtree(folder / "dicom")
+    options = BatchOptions(formats=("nifti",), probabilities="uint8")
+    report = run_folder(folder, make_predictor(model), tmp_path / "out", options, model.sha256)
+    record = next(r for r in report.records if r.name == "sub-01__t1")
+    labels = nib.load(record.outputs["nifti"])
+    maps = [nib.load(record.outputs[f"prob-{name}"]) for name in ("anterior", "posterior")]
+    for m in maps:
+        np.testing.assert_allclose(m.affine, labels.affine, atol=1e-6)
+        assert m.get_data_dtype() == np.uint8
+        values = m.get_fdata()
+        assert values.min() >= 0 and values.max() <= 1.0 + 1e-6
+    # The label map is the argmax of the probabilities wherever the winner is clear.
+    lab = np.asarray(labels.dataobj)
+    p1, p2 = (m.get_fdata() for m in maps)
+    probs = np.stack([1 - p1 - p2, p1, p2])
+    top2 = np.sort(probs, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 3 / 255
+    assert clear.mean() > 0.5
+    np.testing.assert_array_equal(probs.argmax(axis=0)[clear], lab[clear])

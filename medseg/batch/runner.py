@@ -21,11 +21,11 @@ import numpy as np
 from medseg.batch.report import RunReport, ScanRecord, environment, load_records
 from medseg.errors import FileProblem
 from medseg.inference.predictor import EnsemblePredictor, Progress, SlicePredictor
-from medseg.inference.segment import segment_volume
+from medseg.inference.segment import segment_volume, segment_volume_with_probabilities
 from medseg.io.dicom_seg import DicomSegUnavailable, write_dicom_seg
-from medseg.io.discover import Discovery, ScanSource, discover, read_source
+from medseg.io.discover import Discovery, ScanSource, discover, read_source, sanitise
 from medseg.io.volume import Volume
-from medseg.io.writers import write_color_table, write_nifti_labels, write_seg_nrrd
+from medseg.io.writers import write_color_table, write_nifti_labels, write_probability_map, write_seg_nrrd
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +36,14 @@ FORMATS = ("nifti", "seg.nrrd", "dicom-seg")
 class BatchOptions:
     """``formats`` to write; ``overwrite`` redoes finished scans; ``shard`` (i, n) keeps
     scans i, i+n, i+2n, ... of the sorted discovery; ``dicom_seg_type`` "binary" (valid for
-    every viewer, uncompressed) or "labelmap" (compact, newer SOP class)."""
+    every viewer, uncompressed) or "labelmap" (compact, newer SOP class); ``probabilities``
+    "uint8" or "float32" also writes one probability map per foreground label."""
 
     formats: tuple[str, ...] = ("nifti", "seg.nrrd")
     overwrite: bool = False
     shard: tuple[int, int] = (0, 1)
     dicom_seg_type: str = "binary"
+    probabilities: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -52,10 +54,14 @@ class BatchOptions:
             raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
 
 
-def output_paths(scan: ScanSource, out_dir: Path, formats: tuple[str, ...]) -> dict[str, Path]:
+def output_paths(
+    scan: ScanSource, out_dir: Path, formats: tuple[str, ...], probability_labels: tuple[str, ...] = ()
+) -> dict[str, Path]:
     """Output files per format; "dicom-seg" only for DICOM inputs."""
     name = scan.name
-    paths: dict[str, Path] = {}
+    paths: dict[str, Path] = {
+        f"prob-{lab}": out_dir / f"{name}.prob-{sanitise(lab)}.nii.gz" for lab in probability_labels
+    }
     if "nifti" in formats:
         paths["nifti"] = out_dir / f"{name}.nii.gz"
         paths["color-table"] = out_dir / f"{name}.ctbl"
@@ -80,7 +86,7 @@ def fingerprint(scan: ScanSource, model_hash: str, options: BatchOptions) -> str
     for path in sorted(files):
         stat = path.stat()
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    digest.update(f"{model_hash}|{sorted(options.formats)}|{options.dicom_seg_type}".encode())
+    digest.update(f"{model_hash}|{sorted(options.formats)}|{options.dicom_seg_type}|{options.probabilities}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -148,7 +154,9 @@ class BatchRunner:
         return "medseg-run.json" if count == 1 else f"medseg-run.part{index}of{count}.json"
 
     def _one(self, scan: ScanSource, before: ScanRecord | None, slice_progress: Progress | None) -> ScanRecord:
-        outputs = output_paths(scan, self.out_dir, self.options.formats)
+        spec = self.predictor.model.spec
+        prob_labels = tuple(lab.name for lab in spec.labels[1:]) if self.options.probabilities else ()
+        outputs = output_paths(scan, self.out_dir, self.options.formats, prob_labels)
         base = {
             "name": scan.name,
             "input": str(scan.path),
@@ -168,9 +176,18 @@ class BatchRunner:
             stage = "read"
             volume = read_source(scan)
             stage = "infer"
-            labels = segment_volume(volume, self.predictor, slice_progress)
+            probabilities = None
+            if self.options.probabilities:
+                labels, probabilities = segment_volume_with_probabilities(volume, self.predictor, slice_progress)
+            else:
+                labels = segment_volume(volume, self.predictor, slice_progress)
             stage = "write"
             warnings = self._write(labels, volume, scan, outputs)
+            if probabilities is not None:
+                for i, lab in enumerate(spec.labels[1:], start=1):
+                    write_probability_map(
+                        probabilities[i], volume.geometry, outputs[f"prob-{lab.name}"], self.options.probabilities
+                    )
         except Exception as err:  # one scan's failure must never stop the batch
             logger.error("%s: failed at %s: %s", scan.name, stage, err)
             return ScanRecord(

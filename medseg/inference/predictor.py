@@ -130,6 +130,12 @@ class SlicePredictor:
             labels[indices.start : indices.stop] = self.lut[scores.argmax(dim=1).cpu()]
         return torch.movedim(labels, 0, axis)
 
+    def predict_probabilities(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+        """Class probabilities (classes, X, Y, Z) float32 for ``image`` (C, X, Y, Z)."""
+        total = torch.zeros((len(self.lut), *image.shape[1:]), dtype=torch.float32)
+        self.add_probabilities(image, total, progress)
+        return total
+
     def add_probabilities(self, image: torch.Tensor, total: torch.Tensor, progress: Progress | None = None) -> None:
         """Add this model's class probabilities for ``image`` into ``total`` (classes, X, Y, Z)."""
         axis = slice_axis_index(self.model.spec.slice_axis, image.affine)
@@ -208,6 +214,10 @@ class EnsemblePredictor:
         self.lut = torch.tensor(model.spec.label_values, dtype=torch.uint8)
 
     def predict(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+        return self.lut[self.predict_probabilities(image, progress).argmax(dim=0)]
+
+    def predict_probabilities(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+        """Mean class probabilities of the members, (classes, X, Y, Z) float32."""
         total = torch.zeros((len(self.lut), *image.shape[1:]), dtype=torch.float32)
         n = len(self.members)
         for i, member in enumerate(self.members):
@@ -215,7 +225,7 @@ class EnsemblePredictor:
             if progress is not None:
                 member_progress = lambda done, all_, i=i: progress(i * all_ + done, n * all_)  # noqa: E731
             member.add_probabilities(image, total, member_progress)
-        return self.lut[total.argmax(dim=0)]
+        return total / n
 
 
 def make_predictor(model: Model, options: InferenceOptions = InferenceOptions()) -> SlicePredictor | EnsemblePredictor:

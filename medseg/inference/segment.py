@@ -36,24 +36,21 @@ class SegmentResult:
 
 
 def to_original_grid(labels: torch.Tensor, image: MetaTensor, transforms: Compose) -> np.ndarray:
-    """Undo every recorded grid change of ``image`` on ``labels`` (X', Y', Z') uint8.
+    """Undo every recorded grid change of ``image`` on ``labels`` (X', Y', Z') uint8, or on
+    per-class maps (C, X', Y', Z').
 
     This is the one place where preprocessing is inverted: MONAI replays the operations
     recorded in ``image.applied_operations`` (orientation, in-plane resampling) in reverse.
     Returns (X, Y, Z) on the grid the scan was read on.
     """
-    restored = MetaTensor(labels[None], meta=dict(image.meta))
+    channels = labels if labels.ndim == 4 else labels[None]
+    restored = MetaTensor(channels, meta=dict(image.meta))
     restored.applied_operations = list(image.applied_operations)
-    out = transforms.inverse({"image": restored})["image"]
-    return out[0].numpy()
+    out = transforms.inverse({"image": restored})["image"].numpy()
+    return out if labels.ndim == 4 else out[0]
 
 
-def segment_volume(
-    volume: Volume, predictor: SlicePredictor | EnsemblePredictor, progress: Progress | None = None
-) -> np.ndarray:
-    """Label map (X, Y, Z) uint8 on ``volume``'s own grid; ``progress(done, total)`` slices."""
-    spec = predictor.model.spec
-    wanted = spec.image_channels
+def _check_channels(volume: Volume, wanted: int) -> None:
     if volume.channels != wanted:
         raise ScanError(
             volume.source,
@@ -63,16 +60,44 @@ def segment_volume(
             if volume.channels > wanted
             else "give the model the channels it was trained with",
         )
-    transforms = build_transforms(spec, load=False, resample=False)
-    image = transforms({"image": volume_to_metatensor(volume)})["image"]
-    labels = predictor.predict(image, progress)
-    labels = postprocess(labels, spec.postprocess, spec.label_values[1:])
-    restored = to_original_grid(labels, image, transforms)
-    back = Geometry.from_affine_ras(image.meta["original_affine"], restored.shape)
+
+
+def _restored(volume: Volume, array: torch.Tensor, image: MetaTensor, transforms: Compose) -> np.ndarray:
+    """``array`` (C, X', Y', Z') or (X', Y', Z') back on ``volume``'s grid, grid checked."""
+    restored = to_original_grid(array, image, transforms)
+    back = Geometry.from_affine_ras(image.meta["original_affine"], restored.shape[-3:])
     problem = volume.geometry.mismatch(back)
     if problem is not None:  # a bug in medseg, never a user error
         raise RuntimeError(f"{volume.source}: restored grid differs from the input's: {problem}")
     return restored
+
+
+def _preprocess(volume: Volume, spec) -> tuple[MetaTensor, Compose]:
+    _check_channels(volume, spec.image_channels)
+    transforms = build_transforms(spec, load=False, resample=False)
+    return transforms({"image": volume_to_metatensor(volume)})["image"], transforms
+
+
+def segment_volume(
+    volume: Volume, predictor: SlicePredictor | EnsemblePredictor, progress: Progress | None = None
+) -> np.ndarray:
+    """Label map (X, Y, Z) uint8 on ``volume``'s own grid; ``progress(done, total)`` slices."""
+    spec = predictor.model.spec
+    image, transforms = _preprocess(volume, spec)
+    labels = postprocess(predictor.predict(image, progress), spec.postprocess, spec.label_values[1:])
+    return _restored(volume, labels, image, transforms)
+
+
+def segment_volume_with_probabilities(
+    volume: Volume, predictor: SlicePredictor | EnsemblePredictor, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label map (X, Y, Z) uint8 and class probabilities (classes, X, Y, Z) float32, both on
+    ``volume``'s grid. Holds the probabilities of the whole volume: use only when needed."""
+    spec = predictor.model.spec
+    image, transforms = _preprocess(volume, spec)
+    probs = predictor.predict_probabilities(image, progress)
+    labels = postprocess(predictor.lut[probs.argmax(dim=0)], spec.postprocess, spec.label_values[1:])
+    return _restored(volume, labels, image, transforms), _restored(volume, probs, image, transforms)
 
 
 def segment_scan(

@@ -98,3 +98,31 @@ def write_seg_nrrd(labels: np.ndarray, geometry: Geometry, spec_labels: tuple[La
     with atomic_path(path) as tmp:
         slicerio.write_segmentation(str(tmp), segmentation)
     return path
+
+
+PROBABILITY_ENCODINGS = ("uint8", "float32")
+
+
+def write_probability_map(probability: np.ndarray, geometry: Geometry, path: Path, encoding: str = "uint8") -> Path:
+    """One class's probabilities (X, Y, Z) in [0, 1] as NIfTI on ``geometry``'s grid.
+
+    "uint8" stores round(p * 255) with scl_slope 1/255, so every NIfTI reader returns
+    probabilities in [0, 1] from a quarter of the float32 size (NIfTI-1 has no float16).
+    """
+    import nibabel as nib
+
+    if encoding not in PROBABILITY_ENCODINGS:
+        raise ValueError(f"probability encoding must be one of {PROBABILITY_ENCODINGS}, got {encoding!r}")
+    affine = geometry.affine_ras()
+    if encoding == "uint8":
+        data = np.rint(np.clip(probability, 0, 1) * 255).astype(np.uint8)
+        img = nib.Nifti1Image(data, affine)
+        img.header.set_slope_inter(1 / 255, 0)
+    else:
+        img = nib.Nifti1Image(probability.astype(np.float32), affine)
+    img.set_qform(affine, code=NIFTI_XFORM_SCANNER_ANAT)
+    img.set_sform(affine, code=NIFTI_XFORM_SCANNER_ANAT)
+    img.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
