@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("inputs", type=Path, nargs="+", help="scan files, DICOM series folders or folders of scans")
     seg.add_argument("-o", "--output", type=Path, help="output folder (required unless --list)")
     seg.add_argument("--list", action="store_true", help="print what would be segmented, load no model")
-    seg.add_argument("--formats", default="nifti,seg.nrrd", help="comma-separated: nifti, seg.nrrd, dicom-seg")
+    seg.add_argument("--formats", default="nifti,seg.nrrd", help="comma-separated: nifti, seg.nrrd, dicom-seg, qc")
     seg.add_argument("--dicom-seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
     seg.add_argument(
         "--probabilities",

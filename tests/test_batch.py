@@ -152,3 +152,16 @@ def test_probability_maps_match_labels_and_grid(folder, tmp_path, tiny_model_dir
     clear = top2[1] - top2[0] > 3 / 255
     assert clear.mean() > 0.5
     np.testing.assert_array_equal(probs.argmax(axis=0)[clear], lab[clear])
+
+
+def test_qc_montages_and_index(folder, tmp_path, tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    shutil.rmtree(folder / "dicom")
+    out = tmp_path / "out"
+    report = run_folder(folder, make_predictor(model), out, BatchOptions(formats=("nifti", "qc")), model.sha256)
+    ok = [r for r in report.records if r.status == "ok"]
+    for record in ok:
+        assert record.outputs["qc"].endswith(".qc.png") and (out / f"{record.name}.qc.png").stat().st_size > 2000
+    page = (out / "index.html").read_text()
+    assert all(r.name in page for r in report.records)
+    assert "bad__truncated" in page and "failed" in page and 'src="sub-02.qc.png"' in page

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.batch.qc import write_index, write_montage
 from medseg.batch.report import RunReport, ScanRecord, environment, load_records
 from medseg.errors import FileProblem
 from medseg.inference.predictor import EnsemblePredictor, Progress, SlicePredictor
@@ -29,7 +30,7 @@ from medseg.io.writers import write_color_table, write_nifti_labels, write_proba
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("nifti", "seg.nrrd", "dicom-seg")
+FORMATS = ("nifti", "seg.nrrd", "dicom-seg", "qc")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ def output_paths(
         paths["color-table"] = out_dir / f"{name}.ctbl"
     if "seg.nrrd" in formats:
         paths["seg.nrrd"] = out_dir / f"{name}.seg.nrrd"
+    if "qc" in formats:
+        paths["qc"] = out_dir / f"{name}.qc.png"
     if "dicom-seg" in formats and scan.series is not None:
         paths["dicom-seg"] = out_dir / f"{name}.seg.dcm"
     return paths
@@ -146,6 +149,8 @@ class BatchRunner:
                 progress(record)
         report.settings["complete"] = True  # a merge of shard parts waits for this
         report.write(self.out_dir, self.report_name)
+        if "qc" in self.options.formats:
+            write_index(report, self.out_dir)
         return report
 
     @property
@@ -219,6 +224,8 @@ class BatchRunner:
             write_color_table(spec_labels, outputs["color-table"])
         if "seg.nrrd" in outputs:
             write_seg_nrrd(labels, volume.geometry, spec_labels, outputs["seg.nrrd"])
+        if "qc" in outputs:
+            write_montage(volume, labels, spec_labels, outputs["qc"])
         if "dicom-seg" in self.options.formats and scan.series is None:
             warnings.append("dicom-seg: not written, the input is not DICOM")
         if "dicom-seg" in outputs:
