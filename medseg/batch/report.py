@@ -40,6 +40,7 @@ class ScanRecord:
     spacing: tuple[float, ...] = ()
     outputs: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
     stage: str = ""
     error: str = ""
     hint: str = ""
@@ -85,6 +86,7 @@ class RunReport:
             row["shape"] = "x".join(map(str, r.shape))
             row["spacing"] = "x".join(f"{s:.6g}" for s in r.spacing)
             row["warnings"] = " | ".join(r.warnings)
+            row["timings"] = ";".join(f"{k}={v:.3f}" for k, v in r.timings.items())
             writer.writerow(row)
         with atomic_path(out_dir / Path(name).with_suffix(".csv").name) as tmp:
             tmp.write_text(buffer.getvalue())

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,22 @@ def _hint(err: Exception) -> str:
     return "unexpected: please report it with this run report"
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A scan whose labels are computed and wait to be written."""
+
+    scan: ScanSource
+    volume: Volume
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    timings: dict[str, float]
+
+
+def _timed(fn: Callable, *args: object) -> tuple[object, float]:
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
+
+
 class BatchRunner:
     """Runs one model over discovered scans, writing outputs and the report in ``out_dir``."""
 
@@ -141,12 +158,39 @@ class BatchRunner:
         previous = {} if self.options.overwrite else load_records(self.out_dir, self.report_name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir)
-        for scan in scans:
-            record = self._one(scan, previous.get(scan.name), slice_progress)
+
+        def finish(record: ScanRecord) -> None:
             report.records.append(record)
             report.write(self.out_dir, self.report_name)
             if progress is not None:
                 progress(record)
+
+        # Reading the next scan and writing the previous one overlap with inference: file
+        # decompression and pixel decoding release the GIL, so they run while the network does.
+        todo = []
+        for scan in scans:
+            done = self._done_before(scan, previous.get(scan.name))
+            if done is not None:
+                finish(done)
+            else:
+                todo.append(scan)
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="medseg-read") as reader,
+            ThreadPoolExecutor(1, thread_name_prefix="medseg-write") as writer,
+        ):
+            reads = {0: reader.submit(_timed, read_source, todo[0])} if todo else {}
+            writing: Future | None = None
+            for i, scan in enumerate(todo):
+                if i + 1 < len(todo):
+                    reads[i + 1] = reader.submit(_timed, read_source, todo[i + 1])
+                job = self._infer(scan, reads.pop(i), slice_progress)
+                if writing is not None:
+                    finish(writing.result())
+                writing = writer.submit(self._finish_write, job) if isinstance(job, _Job) else None
+                if not isinstance(job, _Job):
+                    finish(job)
+            if writing is not None:
+                finish(writing.result())
         report.settings["complete"] = True  # a merge of shard parts waits for this
         report.write(self.out_dir, self.report_name)
         if "qc" in self.options.formats:
@@ -158,58 +202,82 @@ class BatchRunner:
         index, count = self.options.shard
         return "medseg-run.json" if count == 1 else f"medseg-run.part{index}of{count}.json"
 
-    def _one(self, scan: ScanSource, before: ScanRecord | None, slice_progress: Progress | None) -> ScanRecord:
-        spec = self.predictor.model.spec
-        prob_labels = tuple(lab.name for lab in spec.labels[1:]) if self.options.probabilities else ()
-        outputs = output_paths(scan, self.out_dir, self.options.formats, prob_labels)
-        base = {
+    def _base(self, scan: ScanSource) -> dict:
+        return {
             "name": scan.name,
             "input": str(scan.path),
             "kind": scan.kind,
             "series_uid": scan.series.uid if scan.series is not None else "",
             "description": scan.description,
         }
-        stage = "discover"
-        start = time.perf_counter()
+
+    def _failed(self, scan: ScanSource, stage: str, err: Exception, seconds: float) -> ScanRecord:
+        logger.error("%s: failed at %s: %s", scan.name, stage, err)
+        return ScanRecord(
+            **self._base(scan),
+            status="failed",
+            stage=stage,
+            error=f"{type(err).__name__}: {err}",
+            hint=_hint(err),
+            seconds=round(seconds, 3),
+        )
+
+    def _done_before(self, scan: ScanSource, before: ScanRecord | None) -> ScanRecord | None:
+        """The earlier record, marked skipped, when this scan needs no redoing."""
         try:
             key = fingerprint(scan, self.model_hash, self.options)
-            done = before is not None and before.status in ("ok", "skipped") and before.fingerprint == key
-            expected = [Path(p) for p in before.outputs.values()] if done else []
-            if done and expected and all(p.is_file() for p in expected):
-                logger.info("%s: done before, skipped", scan.name)
-                return dataclasses.replace(before, status="skipped")
-            stage = "read"
-            volume = read_source(scan)
-            stage = "infer"
+        except OSError:
+            return None  # unreadable now: the read stage will say why
+        if before is None or before.status not in ("ok", "skipped") or before.fingerprint != key:
+            return None
+        expected = [Path(p) for p in before.outputs.values()]
+        if not expected or not all(p.is_file() for p in expected):
+            return None
+        logger.info("%s: done before, skipped", scan.name)
+        return dataclasses.replace(before, status="skipped")
+
+    def _infer(self, scan: ScanSource, read: Future, slice_progress: Progress | None) -> _Job | ScanRecord:
+        """Wait for the scan's read, run the network; a _Job to write, or a failed record."""
+        try:
+            volume, read_s = read.result()
+        except Exception as err:  # one scan's failure must never stop the batch
+            return self._failed(scan, "read", err, 0.0)
+        start = time.perf_counter()
+        try:
             probabilities = None
             if self.options.probabilities:
                 labels, probabilities = segment_volume_with_probabilities(volume, self.predictor, slice_progress)
             else:
                 labels = segment_volume(volume, self.predictor, slice_progress)
-            stage = "write"
-            warnings = self._write(labels, volume, scan, outputs)
-            if probabilities is not None:
-                for i, lab in enumerate(spec.labels[1:], start=1):
-                    write_probability_map(
-                        probabilities[i], volume.geometry, outputs[f"prob-{lab.name}"], self.options.probabilities
-                    )
         except Exception as err:  # one scan's failure must never stop the batch
-            logger.error("%s: failed at %s: %s", scan.name, stage, err)
-            return ScanRecord(
-                **base,
-                status="failed",
-                stage=stage,
-                error=f"{type(err).__name__}: {err}",
-                hint=_hint(err),
-                seconds=round(time.perf_counter() - start, 3),
-            )
+            return self._failed(scan, "infer", err, read_s + time.perf_counter() - start)
+        return _Job(scan, volume, labels, probabilities, {"read": read_s, "infer": time.perf_counter() - start})
+
+    def _finish_write(self, job: _Job) -> ScanRecord:
+        scan, volume = job.scan, job.volume
+        spec = self.predictor.model.spec
+        prob_labels = tuple(lab.name for lab in spec.labels[1:]) if job.probabilities is not None else ()
+        outputs = output_paths(scan, self.out_dir, self.options.formats, prob_labels)
+        start = time.perf_counter()
+        try:
+            warnings = self._write(job.labels, volume, scan, outputs)
+            for i, lab in enumerate(spec.labels[1:], start=1):
+                if job.probabilities is not None:
+                    write_probability_map(
+                        job.probabilities[i], volume.geometry, outputs[f"prob-{lab.name}"], self.options.probabilities
+                    )
+            key = fingerprint(scan, self.model_hash, self.options)
+        except Exception as err:  # one scan's failure must never stop the batch
+            return self._failed(scan, "write", err, sum(job.timings.values()) + time.perf_counter() - start)
+        timings = {**job.timings, "write": time.perf_counter() - start}
         return ScanRecord(
-            **base,
+            **self._base(scan),
             status="ok",
             shape=tuple(volume.geometry.shape),
             spacing=tuple(round(s, 6) for s in volume.geometry.spacing),
             outputs={k: str(v) for k, v in outputs.items() if v.is_file()},
-            seconds=round(time.perf_counter() - start, 3),
+            seconds=round(sum(timings.values()), 3),
+            timings={k: round(v, 4) for k, v in timings.items()},
             warnings=tuple(warnings),
             fingerprint=key,
         )
