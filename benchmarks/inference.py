@@ -102,9 +102,7 @@ def monai_recipe(scan: Path, weights: dict, base: int, out_dir: Path) -> Path:
             LoadImaged("image"),
             EnsureChannelFirstd("image"),
             Orientationd("image", axcodes="RAS"),
-            ScaleIntensityRanged(
-                "image", a_min=WINDOW.lower, a_max=WINDOW.upper, b_min=0.0, b_max=1.0, clip=True
-            ),
+            ScaleIntensityRanged("image", a_min=WINDOW.lower, a_max=WINDOW.upper, b_min=0.0, b_max=1.0, clip=True),
         ]
     )
     post = Compose(
@@ -122,9 +120,7 @@ def monai_recipe(scan: Path, weights: dict, base: int, out_dir: Path) -> Path:
             ),
         ]
     )
-    inferer = SliceInferer(
-        roi_size=(256, 256), spatial_dim=2, sw_batch_size=4, overlap=0.25, mode="gaussian"
-    )
+    inferer = SliceInferer(roi_size=(256, 256), spatial_dim=2, sw_batch_size=4, overlap=0.25, mode="gaussian")
     data = pre({"image": str(scan)})
     with torch.no_grad():
         data["pred"] = inferer(data["image"][None], net)[0]
@@ -138,9 +134,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=32)
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=80)
@@ -150,15 +144,12 @@ def main() -> None:
     logging.getLogger("monai").setLevel(logging.ERROR)
 
     shape = (512, 512, args.slices)
-    geometry = Geometry(
-        shape, (0.78125, 0.78125, 2.5), (-200.0, -180.0, -300.0), tuple(np.eye(3).ravel())
-    )
+    geometry = Geometry(shape, (0.78125, 0.78125, 2.5), (-200.0, -180.0, -300.0), tuple(np.eye(3).ravel()))
     image, truth = ct_phantom(shape)
     t = time.perf_counter()
     net = train_briefly(image, truth, args.base_channels, args.train_steps)
     print(
-        f"trained base-{args.base_channels} ArticleUNet for {args.train_steps} steps "
-        f"in {time.perf_counter() - t:.0f} s"
+        f"trained base-{args.base_channels} ArticleUNet for {args.train_steps} steps in {time.perf_counter() - t:.0f} s"
     )
 
     with tempfile.TemporaryDirectory() as tmp:

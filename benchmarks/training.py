@@ -32,14 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--validation-cases", type=int, default=10)
-    parser.add_argument(
-        "--manifest", type=Path, default=ROOT / "data_manifests" / "hippocampus.json"
-    )
+    parser.add_argument("--manifest", type=Path, default=ROOT / "data_manifests" / "hippocampus.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("monai").setLevel(logging.ERROR)
@@ -47,9 +43,7 @@ def main() -> None:
     base = TrainConfig.load(ROOT / "pipelines" / "configs" / "hippocampus.json")
     config = replace(base, epochs=1, steps_per_epoch=args.steps, warmup_epochs=0, val_every=1)
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    print(
-        f"CPU native bf16: {native}; {torch.get_num_threads()} threads; {args.steps} steps of {config.batch_size}"
-    )
+    print(f"CPU native bf16: {native}; {torch.get_num_threads()} threads; {args.steps} steps of {config.batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "subset.json"
         raw = json.loads(args.manifest.read_text())
@@ -75,9 +69,7 @@ def main() -> None:
             results[precision] = (speed, result.best_dice, time.perf_counter() - t)
     for precision, (speed, dice, seconds) in results.items():
         scores = ", ".join(f"{k} {v:.4f}" for k, v in dice.items())
-        print(
-            f"{precision}: {speed:7.1f} training slices/s   validation Dice {scores}   ({seconds:.0f} s)"
-        )
+        print(f"{precision}: {speed:7.1f} training slices/s   validation Dice {scores}   ({seconds:.0f} s)")
     print(f"bf16 / fp32 throughput: {results['bf16'][0] / results['fp32'][0]:.2f}x")
 
 

@@ -1,0 +1,134 @@
+"""Batch throughput: one `medseg segment` call over N small volumes, against N single-scan
+calls and against the MONAI-tutorial recipe looping over the files, same model.
+
+Volumes are hippocampus-sized MR crops (about 36x50x40, 1 mm), written as NIfTI. Prints
+scans per second for each way and the ratios to the one-call run, then the per-scan time
+spent outside the network (reading, preprocessing and inference, writing each format) from
+the run report.
+
+    python benchmarks/batch.py [--scans 40] [--single-calls 8]
+
+Single-scan calls are timed on a subset (``--single-calls``) and scaled, since each one
+pays the interpreter and model start-up this benchmark is about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from medseg.bundled import default_model_dir  # noqa: E402
+from medseg.model import load_model  # noqa: E402
+
+
+def make_scans(folder: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    paths = []
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in (36, 50, 40)], indexing="ij")
+    for i in range(n):
+        blob = ((x / 0.3) ** 2 + ((y - 0.1 * rng.normal()) / 0.6) ** 2 + (z / 0.4) ** 2) < 1
+        image = (rng.normal(300, 40, x.shape) + 400 * blob).astype(np.float32)
+        path = folder / f"crop_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(path))
+        paths.append(path)
+    return paths
+
+
+def monai_recipe(paths: list[Path], model_dir: Path, out_dir: Path) -> None:
+    """What a MONAI user writes: a Compose per file, SliceInferer, Invertd, SaveImaged."""
+    from monai.inferers import SliceInferer
+    from monai.transforms import (
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        SaveImaged,
+        ScaleIntensityRangePercentilesd,
+    )
+
+    model = load_model(model_dir)
+    net = model.network.eval()
+    pre = Compose(
+        [
+            LoadImaged("image"),
+            EnsureChannelFirstd("image"),
+            Orientationd("image", axcodes="RAS"),
+            ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.5, 99.5, clip=True, relative=False),
+            NormalizeIntensityd("image"),
+        ]
+    )
+    post = Compose(
+        [
+            Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False),
+            AsDiscreted("pred", argmax=True),
+            SaveImaged("pred", output_dir=str(out_dir), separate_folder=False, output_dtype=np.uint8, print_log=False),
+        ]
+    )
+    # Sagittal slices (axis 0 in RAS) padded to the 64x64 window, as the model was trained.
+    inferer = SliceInferer(roi_size=(64, 64), spatial_dim=0, sw_batch_size=16, overlap=0.25, mode="gaussian")
+    for path in paths:
+        data = pre({"image": str(path)})
+        with torch.no_grad():
+            data["pred"] = inferer(data["image"][None], net)[0]
+        post(data)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scans", type=int, default=40)
+    parser.add_argument("--single-calls", type=int, default=8)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    model_dir = default_model_dir()
+    medseg = [sys.executable, "-m", "medseg", "segment", "--quiet", "--model", str(model_dir)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = make_scans(tmp / "scans", args.scans)
+        seconds = {}
+        for formats in ("nifti", "nifti,seg.nrrd"):
+            t = time.perf_counter()
+            subprocess.run(
+                [*medseg, str(tmp / "scans"), "-o", str(tmp / f"one-{formats}"), "--formats", formats], check=True
+            )
+            seconds[f"medseg, one call ({formats})"] = time.perf_counter() - t
+        subset = paths[: args.single_calls]
+        t = time.perf_counter()
+        for path in subset:
+            subprocess.run([*medseg, str(path), "-o", str(tmp / "single"), "--formats", "nifti"], check=True)
+        seconds["medseg, one call per scan (nifti)"] = (time.perf_counter() - t) * len(paths) / len(subset)
+        t = time.perf_counter()
+        monai_recipe(paths, model_dir, tmp / "monai")
+        seconds["MONAI tutorial recipe, in-process loop"] = time.perf_counter() - t
+        report = json.loads((tmp / "one-nifti,seg.nrrd" / "medseg-run.json").read_text())
+
+    base = seconds["medseg, one call (nifti)"]
+    print(f"{args.scans} volumes of 36x50x40, bundled model, {torch.get_num_threads()} threads")
+    for name, s in seconds.items():
+        print(f"{name:42s} {s:7.1f} s  {args.scans / s:6.2f} scans/s  time / one-call {s / base:5.2f}x")
+    timings = [r["timings"] for r in report["scans"] if r["status"] == "ok"]
+    for stage in ("read", "infer", "write"):
+        values = np.array([t[stage] for t in timings])
+        print(f"per scan {stage:5s} (nifti + seg.nrrd run): median {1000 * np.median(values):6.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
