@@ -165,3 +165,32 @@ def test_qc_montages_and_index(folder, tmp_path, tiny_model_dir):
     page = (out / "index.html").read_text()
     assert all(r.name in page for r in report.records)
     assert "bad__truncated" in page and "failed" in page and 'src="sub-02.qc.png"' in page
+
+
+@pytest.mark.realdata
+def test_real_dicom_series_in_a_batch(shared_data, tmp_path, tiny_model_dir):
+    """Real series: the MR crop gets a SEG equal to its NIfTI position by position; the CT
+    without UIDs gets NIfTI and seg.nrrd and a warning instead of a SEG."""
+    import highdicom as hd
+    import pydicom
+
+    from medseg.io.dicom import ordered_slices
+    from medseg.io.discover import discover
+
+    root = tmp_path / "scans"
+    shutil.copytree(shared_data / "dicom_mr_studies/Study1/13_HCropVolume", root / "mr")
+    shutil.copytree(shared_data / "totalsegmentator/example_ct_dicom", root / "ct")
+    model = load_model(tiny_model_dir)
+    options = BatchOptions(formats=("nifti", "seg.nrrd", "dicom-seg"))
+    report = run_folder(root, make_predictor(model), tmp_path / "out", options, model.sha256)
+    records = {r.input.split("/")[-1]: r for r in report.records}
+    assert {r.status for r in records.values()} == {"ok"}
+    ct = records["ct"]
+    assert "dicom-seg" not in ct.outputs and "empty" in ct.warnings[0] and "seg.nrrd" in ct.outputs
+    mr = records["mr"]
+    series = discover(root / "mr").scans[0].series
+    nifti = np.asarray(nib.load(mr.outputs["nifti"]).dataobj)
+    seg = hd.seg.segread(mr.outputs["dicom-seg"])
+    uids = [str(pydicom.dcmread(s.path, stop_before_pixels=True).SOPInstanceUID) for s in ordered_slices(series)]
+    pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], combine_segments=True)
+    np.testing.assert_array_equal(pixels.transpose(2, 1, 0), nifti)
