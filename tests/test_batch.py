@@ -180,7 +180,13 @@ def test_real_dicom_series_in_a_batch(shared_data, tmp_path, tiny_model_dir):
     root = tmp_path / "scans"
     shutil.copytree(shared_data / "dicom_mr_studies/Study1/13_HCropVolume", root / "mr")
     shutil.copytree(shared_data / "totalsegmentator/example_ct_dicom", root / "ct")
-    model = load_model(tiny_model_dir)
+    from dataclasses import replace
+
+    from medseg.model import init_model, load_spec
+
+    # A 512 window runs the CT's 512x512 slices whole (the 64 window would slide 81 times).
+    init_model(tmp_path / "model", replace(load_spec(tiny_model_dir), window=(512, 512)))
+    model = load_model(tmp_path / "model")
     options = BatchOptions(formats=("nifti", "seg.nrrd", "dicom-seg"))
     report = run_folder(root, make_predictor(model), tmp_path / "out", options, model.sha256)
     records = {r.input.split("/")[-1]: r for r in report.records}
