@@ -130,12 +130,12 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         """Build from parsed JSON, rejecting unknown keys (a typo must not pass silently)."""
         data = dict(data)
-        _reject_unknown(cls, data, "model.json")
+        reject_unknown_keys(cls, data, "model.json")
         network = dict(data.pop("network", {}))
-        _reject_unknown(NetworkSpec, network, "model.json 'network'")
+        reject_unknown_keys(NetworkSpec, network, "model.json 'network'")
         labels = []
         for item in data.pop("labels", []):
-            _reject_unknown(LabelSpec, item, "model.json 'labels' entry")
+            reject_unknown_keys(LabelSpec, item, "model.json 'labels' entry")
             labels.append(LabelSpec(int(item["value"]), str(item["name"]), tuple(int(c) for c in item["color"])))
         for key in ("spacing", "window", "members"):
             if data.get(key) is not None:
@@ -158,7 +158,8 @@ class ModelSpec:
             raise ConfigError(f"{path}: not a valid model.json ({type(err).__name__}: {err})") from err
 
 
-def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
+def reject_unknown_keys(cls: type, data: dict[str, Any], where: str) -> None:
+    """ConfigError naming every key of ``data`` that is not a field of dataclass ``cls``."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import ConfigError
+from medseg.spec import reject_unknown_keys
 
 SCHEDULES = ("cosine", "poly")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -83,9 +84,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> TrainConfig:
         data = dict(data)
-        _reject_unknown(cls, data, where)
+        reject_unknown_keys(cls, data, where)
         augment = dict(data.pop("augment", {}) or {})
-        _reject_unknown(AugmentConfig, augment, f"{where} 'augment'")
+        reject_unknown_keys(AugmentConfig, augment, f"{where} 'augment'")
         for key in ("flip_axes", "scale", "gamma"):
             if key in augment:
                 augment[key] = tuple(augment[key])
@@ -112,9 +113,3 @@ class TrainConfig:
         except TypeError as err:
             raise ConfigError(f"{path}: {err}") from err
 
-
-def _reject_unknown(cls: type, data: dict[str, Any], where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
