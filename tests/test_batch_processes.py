@@ -76,3 +76,14 @@ def test_two_shards_merge_their_reports(tmp_path, tiny_model_dir):
     merged = _records(out)
     assert sorted(r["name"] for r in merged) == [f"case_{i:02d}" for i in range(6)]
     assert len(list(out.glob("*.nii.gz"))) == 6
+
+
+def test_torchrun_splits_scans_between_ranks(tmp_path, tiny_model_dir):
+    folder = _folder(tmp_path / "scans", 4)
+    out = tmp_path / "out"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    args = ["-m", "medseg", "segment", str(folder), "-o", str(out), "--model", str(tiny_model_dir), "--quiet"]
+    assert subprocess.run([*torchrun, *args], timeout=300).returncode == 0
+    parts = [_records(out, f"medseg-run.part{i}of2.json") for i in range(2)]
+    assert sorted(len(p) for p in parts) == [2, 2]
+    assert sorted(r["name"] for r in _records(out)) == [f"case_{i:02d}" for i in range(4)]
