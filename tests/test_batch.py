@@ -7,12 +7,15 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+import slicerio
 from helpers import make_geometry, phantom, rotation, write_dicom_series, write_itk, write_nifti
 
 from medseg.batch.runner import BatchOptions, run_folder
 from medseg.inference import make_predictor
 from medseg.io.readers import read_scan
 from medseg.model import load_model
+
+PIR = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 
 
 @pytest.fixture
@@ -21,6 +24,13 @@ def folder(tmp_path):
     g = make_geometry((20, 24, 9), (0.9, 0.8, 2.5), direction=rotation((8, 0, 15)))
     write_nifti((root / "sub-01").mkdir(parents=True) or root / "sub-01" / "t1.nii.gz", phantom(g.shape), g)
     write_itk(root / "sub-02.nrrd", phantom(g.shape, seed=1), g)
+    for orientation, direction in (("lps", np.eye(3)), ("ras", np.diag([-1.0, -1.0, 1.0])), ("pir", PIR)):
+        geometry = make_geometry((17, 21, 7), (1.1, 0.7, 3.0), direction=direction)
+        write_nifti(
+            (root / "more").mkdir(exist_ok=True) or root / "more" / f"{orientation}.nii",
+            phantom(geometry.shape),
+            geometry,
+        )
     write_dicom_series(root / "dicom" / "study", np.round(phantom(g.shape)), g, description="T1 axial")
     write_dicom_series(root / "dicom" / "study", np.round(phantom(g.shape)), g, description="T2 axial", prefix="t2_")
     bad = root / "bad"
@@ -46,7 +56,7 @@ def test_batch_survives_bad_scans_and_resumes(folder, tmp_path, tiny_model_dir):
     by_name = {r.name: r for r in report.records}
     ok = sorted(n for n, r in by_name.items() if r.status == "ok")
     failed = {n: r for n, r in by_name.items() if r.status == "failed"}
-    assert len(ok) == 4, ok  # NIfTI, NRRD and the two series sharing one folder
+    assert len(ok) == 7, ok  # 4 NIfTI, NRRD and the two series sharing one folder
     # (the duplicated file keeps its SOP UID: it joins the "dup" series and breaks it)
     assert {r.kind for n, r in by_name.items() if r.status == "ok"} == {"nifti", "nrrd", "dicom"}
     names = sorted(failed)
@@ -63,11 +73,13 @@ def test_batch_survives_bad_scans_and_resumes(folder, tmp_path, tiny_model_dir):
         source = read_scan(record.input) if record.kind != "dicom" else None
         if source is not None:
             assert labels.geometry.mismatch(source.geometry) is None
+        seg = slicerio.read_segmentation(str(out / f"{name}.seg.nrrd"))
+        np.testing.assert_array_equal(seg["voxels"], np.rint(labels.array[0]).astype(np.uint8))
         assert (out / f"{name}.seg.nrrd").is_file() and (out / f"{name}.ctbl").is_file()
     saved = json.loads((out / "medseg-run.json").read_text())
-    assert saved["summary"]["failed"] == 7 and saved["summary"]["ok"] == 4
+    assert saved["summary"]["failed"] == 7 and saved["summary"]["ok"] == 7
     assert saved["settings"]["model_sha256"] == model.sha256 and "torch" in saved["settings"]
-    assert (out / "medseg-run.csv").read_text().count("\n") == 12
+    assert (out / "medseg-run.csv").read_text().count("\n") == 15
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}

@@ -81,3 +81,22 @@ def test_color_table_lines(tmp_path):
     rows = [line.split() for line in path.read_text().splitlines() if not line.startswith("#")]
     assert rows[0] == ["0", "background", "0", "0", "0", "0"]
     assert rows[1][:2] == ["1", "left_part"] and rows[1][-1] == "255"
+
+
+def test_seg_nrrd_has_the_segment_fields_slicer_writes(shared_data, tmp_path):
+    """Every per-segment field in Slicer's own Segmentation.seg.nrrd is in ours too."""
+    import slicerio
+
+    from medseg.io.writers import write_seg_nrrd
+    from medseg.spec import labels_from_names
+
+    slicer = slicerio.read_segmentation(str(shared_data / "slicerio" / "Segmentation.seg.nrrd"))
+    geometry = make_geometry((6, 5, 4))
+    labels = np.zeros(geometry.shape, np.uint8)
+    labels[1:3, 1:3, 1:3] = 1
+    ours = slicerio.read_segmentation(
+        str(write_seg_nrrd(labels, geometry, labels_from_names(["bg", "a"]), tmp_path / "o.seg.nrrd"))
+    )
+    needed = {"id", "name", "color", "labelValue", "layer", "extent"}
+    assert needed <= set(slicer["segments"][0]) and needed <= set(ours["segments"][0])
+    assert ours["masterRepresentation"] == slicer["masterRepresentation"] == "Binary labelmap"
