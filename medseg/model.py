@@ -36,7 +36,13 @@ class Model:
 
     @property
     def sha256(self) -> str:
-        return self.spec.weights_sha256 or ""
+        """Identifies the weights (for an ensemble, all members' and how they are combined)."""
+        if not self.members:
+            return self.spec.weights_sha256 or ""
+        import hashlib
+
+        joined = "|".join([*(m.sha256 for m in self.members), self.spec.postprocess])
+        return hashlib.sha256(joined.encode()).hexdigest()
 
 
 def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
