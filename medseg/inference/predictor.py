@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from medseg.model import Model
@@ -24,7 +23,7 @@ from medseg.transforms.grid import (
     spacing_from_affine,
     target_size,
 )
-from medseg.transforms.slices import slice_stack
+from medseg.transforms.slices import pad_slices, slice_stack
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +63,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, value: float) -> tuple[torch.Tensor, tuple[slice, slice]]:
-    """Pad (N, C, H, W) evenly on both sides to multiples of ``multiple`` with ``value``.
-
-    Returns the padded tensor and the (rows, columns) slices that crop it back.
-    """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x, (slice(0, h), slice(0, w))
-    top, left = ph // 2, pw // 2
-    padded = F.pad(x, (left, pw - left, top, ph - top), value=value)
-    return padded, (slice(top, top + h), slice(left, left + w))
-
-
 # Pixels per network call when the batch size is automatic. On CPUs, batches beyond about
 # one 512x512 slice fall out of cache and run slower per slice (measured: 0.30 s/slice at
 # batch 1 vs 0.45 at batch 4, base 16); small slices still need batching to amortise calls.
@@ -99,7 +84,7 @@ class SlicePredictor:
     """Segments canonical volumes (C, X, Y, Z) slice by slice with ``model``'s network.
 
     Slices whose (resampled) size fits ``model.spec.window`` go through the network whole,
-    padded to a multiple of 2**depth; larger slices use MONAI's sliding window of the window
+    padded to the window as in training; larger slices use MONAI's sliding window of the window
     size with Gaussian blending.
 
     When the model has a target in-plane spacing, each slice batch is resampled to it
@@ -184,7 +169,8 @@ class SlicePredictor:
             enabled=self.options.precision != "fp32",
         ):
             if batch.shape[-2] <= spec.window[0] and batch.shape[-1] <= spec.window[1]:
-                padded, crop = pad_to_multiple(batch, 2**spec.network.depth, pad_value)
+                # Padded to the window, as training pads (the window is a multiple of 2**depth).
+                padded, crop = pad_slices(batch, spec.window, pad_value)
                 padded = padded.contiguous(memory_format=torch.channels_last)
                 return self.network(padded)[..., crop[0], crop[1]]
             return sliding_window_inference(

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medseg.data.manifest import Case
 from medseg.io.monai_reader import volume_to_metatensor
@@ -17,7 +16,7 @@ from medseg.io.readers import read_scan
 from medseg.spec import ModelSpec
 from medseg.transforms import build_transforms
 from medseg.transforms.grid import slice_axis_index
-from medseg.transforms.slices import slice_stack
+from medseg.transforms.slices import pad_slices, slice_stack
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +33,6 @@ class SliceBank:
     labels: torch.Tensor
     foreground: np.ndarray
     case_of_slice: np.ndarray
-
-
-def _pad_to(x: torch.Tensor, size: tuple[int, int], value: float) -> torch.Tensor:
-    """Pad (N, C, H, W) evenly to at least ``size`` (as the predictor pads whole slices)."""
-    ph, pw = max(0, size[0] - x.shape[-2]), max(0, size[1] - x.shape[-1])
-    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
 
 
 def load_case(case: Case, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +60,8 @@ def build_slice_bank(cases: Sequence[Case], spec: ModelSpec) -> SliceBank:
         owners.append(np.full(len(indices), i))
     height = max(spec.window[0], *(s.shape[-2] for s, _ in stacks))
     width = max(spec.window[1], *(s.shape[-1] for s, _ in stacks))
-    images = torch.cat([_pad_to(s, (height, width), v) for s, v in stacks])
-    labels = torch.cat([_pad_to(s, (height, width), 0) for s in label_stacks])
+    images = torch.cat([pad_slices(s, (height, width), v)[0] for s, v in stacks])
+    labels = torch.cat([pad_slices(s, (height, width), 0)[0] for s in label_stacks])
     foreground = np.flatnonzero(labels.flatten(1).amax(dim=1).numpy() > 0)
     logger.info("%d slices (%d with foreground) of %dx%d", len(images), len(foreground), height, width)
     return SliceBank(images.contiguous(), labels.contiguous(), foreground, np.concatenate(owners))

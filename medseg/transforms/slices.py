@@ -36,6 +36,21 @@ def slice_stack(
     return stacked.transpose(1, 2).reshape(len(idx), -1, *volume.shape[-2:])
 
 
+def pad_slices(x: torch.Tensor, size: tuple[int, int], value: float) -> tuple[torch.Tensor, tuple[slice, slice]]:
+    """Pad (N, C, H, W) evenly on both sides to at least ``size`` with ``value``.
+
+    Training pads every slice to the model's window this way and inference pads whole slices
+    the same way, so the network sees the same context at both. Returns the padded tensor and
+    the (rows, columns) slices that crop it back.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = max(0, size[0] - h), max(0, size[1] - w)
+    top, left = ph // 2, pw // 2
+    if ph or pw:
+        x = torch.nn.functional.pad(x, (left, pw - left, top, ph - top), value=value)
+    return x, (slice(top, top + h), slice(left, left + w))
+
+
 class RandSliceSamplerd(Randomizable, MapTransform):
     """Sample ``num_samples`` 2D slices from 3D (C, X, Y, Z) data along the model's slice axis.
 
