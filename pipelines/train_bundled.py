@@ -4,7 +4,9 @@
 
 1. trains ArticleUNet with ``pipelines/configs/hippocampus.json`` on the 160 training cases
    of ``data_manifests/hippocampus.json`` (``medseg train``; an interrupted run resumes);
-2. trains MONAI's UNet with the same configuration and budget (``--compare``) for the card;
+2. trains MONAI's UNet with the same configuration and budget (``--compare``) for the card,
+   and a 2.5D ArticleUNet member (``--ensemble``, ``hippocampus-context1.json``) whose
+   probabilities are averaged with the first model's; the ensemble ships if it scores higher;
 3. segments the 40 validation cases through ``medseg segment``'s code path, with and
    without largest-component post-processing, and evaluates them (``medseg evaluate``);
 4. installs the better ArticleUNet variant as ``models/hippocampus-mr`` and writes
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "pipelines" / "configs" / "hippocampus.json"
+CONFIG_CONTEXT = ROOT / "pipelines" / "configs" / "hippocampus-context1.json"
 MANIFEST = ROOT / "data_manifests" / "hippocampus.json"
 TARGET = ROOT / "models" / "hippocampus-mr"
 
@@ -89,8 +92,29 @@ def row(name: str, variant: dict, spec_provenance: dict) -> str:
     )
 
 
-def model_card(article: dict, article_spec, monai: dict | None, monai_spec) -> str:
-    shipped = {k.lower(): v for k, v in article["summary"].items()}
+def build_ensemble(members: dict[str, Path], folder: Path, postprocess: str) -> Path:
+    """A model folder averaging ``members`` (name -> model folder), copied inside it."""
+    from medseg.model import load_spec
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for name, member in members.items():
+        shutil.copytree(member, folder / name)
+    first = load_spec(next(iter(members.values())))
+    network = replace(first.network, in_channels=first.image_channels)
+    spec = replace(
+        first, network=network, context_slices=0, members=tuple(members), postprocess=postprocess, weights_sha256=None
+    )
+    spec.save(folder / "model.json")
+    return folder
+
+
+def model_card(
+    article: dict, article_spec, monai: dict | None, monai_spec, ensemble: dict | None = None, ensemble_spec=None
+) -> str:
+    best = ensemble if ensemble is not None and ensemble["mean_dice"] > article["mean_dice"] else article
+    shipped = {k.lower(): v for k, v in best["summary"].items()}
     ant, post = shipped["anterior"]["dice_mean"], shipped["posterior"]["dice_mean"]
     lines = [
         "# hippocampus-mr",
@@ -125,6 +149,11 @@ def model_card(article: dict, article_spec, monai: dict | None, monai_spec) -> s
     ]
     for v in article["all"]:
         lines.append(row("ArticleUNet (this model)", v, article_spec.provenance))
+    if ensemble is not None:
+        for v in ensemble["all"]:
+            lines.append(
+                row("ensemble: ArticleUNet 2D + ArticleUNet 2.5D (k=1, 25 epochs)", v, ensemble_spec.provenance)
+            )
     if monai is not None:
         for v in monai["all"]:
             lines.append(row("MONAI UNet (BN, 2 res units)", v, monai_spec.provenance))
@@ -138,8 +167,8 @@ def model_card(article: dict, article_spec, monai: dict | None, monai_spec) -> s
         ]
     lines += [
         "",
-        f"Shipped variant: post-processing `{article['postprocess']}`. Inference: "
-        f"{article['seconds_per_case']:.2f} s per case on the CPU below, read to write.",
+        f"Shipped: {'the ensemble' if best is ensemble else 'the single ArticleUNet'}, post-processing "
+        f"`{best['postprocess']}`. Inference: {best['seconds_per_case']:.2f} s per case on the CPU below, read to write.",
         "",
         "## Hardware and time",
         f"{platform.machine()} CPU, 2 cores, no GPU, PyTorch {__import__('torch').__version__}, fp32 "
@@ -168,6 +197,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--compare", action="store_true", help="also train MONAI's UNet for the card")
+    parser.add_argument("--ensemble", action="store_true", help="also train a 2.5D member; ship the ensemble if better")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -182,14 +212,33 @@ def main() -> int:
         monai = best_variant(monai_dir, args.runs / "hippocampus-monai-unet" / "eval")
         monai_spec = load_spec(monai_dir)
 
-    spec = load_spec(article_dir)
+    ensemble, ensemble_dir = None, None
+    if args.ensemble:
+        context_dir = train_run(CONFIG_CONTEXT, args.runs / "hippocampus-context1")
+        members = {"sagittal-2d": article_dir, "sagittal-context1": context_dir}
+        ensemble_dir = build_ensemble(members, args.runs / "hippocampus-ensemble", "none")
+        ensemble = best_variant(ensemble_dir, args.runs / "hippocampus-ensemble-eval")
+
+    use_ensemble = ensemble is not None and ensemble["mean_dice"] > article["mean_dice"]
     if TARGET.exists():
         shutil.rmtree(TARGET)
-    shutil.copytree(article_dir, TARGET)
-    chosen = replace(spec, name="hippocampus-mr", postprocess=article["postprocess"])
+    if use_ensemble:
+        build_ensemble(
+            {"sagittal-2d": article_dir, "sagittal-context1": args.runs / "hippocampus-context1" / "model"},
+            TARGET,
+            ensemble["postprocess"],
+        )
+        shipped, shipped_spec = ensemble, load_spec(TARGET)
+    else:
+        shutil.copytree(article_dir, TARGET)
+        shipped, shipped_spec = article, load_spec(article_dir)
+    chosen = replace(shipped_spec, name="hippocampus-mr", postprocess=shipped["postprocess"])
     chosen.save(TARGET / "model.json")
-    (TARGET / "MODEL_CARD.md").write_text(model_card(article, chosen, monai, monai_spec))
-    (TARGET / "validation.json").write_text(json.dumps({"article": article, "monai_unet": monai}, indent=1) + "\n")
+    ensemble_spec = load_spec(ensemble_dir) if ensemble_dir else None
+    card = model_card(article, load_spec(article_dir), monai, monai_spec, ensemble, ensemble_spec)
+    (TARGET / "MODEL_CARD.md").write_text(card)
+    results = {"article": article, "monai_unet": monai, "ensemble": ensemble}
+    (TARGET / "validation.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"installed {TARGET}")
     print((TARGET / "MODEL_CARD.md").read_text())
     return 0
