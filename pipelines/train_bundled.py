@@ -168,7 +168,8 @@ def model_card(
     lines += [
         "",
         f"Shipped: {'the ensemble' if best is ensemble else 'the single ArticleUNet'}, post-processing "
-        f"`{best['postprocess']}`. Inference: {best['seconds_per_case']:.2f} s per case on the CPU below, read to write.",
+        f"`{best['postprocess']}`. Inference: {best['seconds_per_case']:.2f} s per case on the CPU below, "
+        "read to write.",
         "",
         "## Hardware and time",
         f"{platform.machine()} CPU, 2 cores, no GPU, PyTorch {__import__('torch').__version__}, fp32 "
