@@ -167,6 +167,17 @@ def _shard(args: argparse.Namespace) -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _rank_device(device: str) -> str:
+    """Under torchrun each rank takes its own GPU (cuda:LOCAL_RANK) when the device is auto."""
+    import os
+
+    import torch
+
+    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return device
+
+
 def _run_list(discovery) -> int:
     from medseg.io.discover import header_info
 
@@ -203,7 +214,7 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     batch = BatchOptions(formats, args.overwrite, _shard(args), args.dicom_seg_type, args.probabilities)
-    options = InferenceOptions(device=args.device, batch_size=args.batch_size, precision=args.precision)
+    options = InferenceOptions(device=_rank_device(args.device), batch_size=args.batch_size, precision=args.precision)
     model = load_model(args.model or default_model_dir())  # loaded once for all scans
     runner = BatchRunner(make_predictor(model, options), args.output, batch, model.sha256)
     total = len(discovery.scans[batch.shard[0] :: batch.shard[1]])

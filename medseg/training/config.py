@@ -112,4 +112,3 @@ class TrainConfig:
             return cls.from_dict(data, where=str(path))
         except TypeError as err:
             raise ConfigError(f"{path}: {err}") from err
-
