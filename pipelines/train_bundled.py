@@ -50,10 +50,10 @@ def evaluate_variant(model_dir: Path, postprocess: str, work: Path) -> dict:
     from medseg.data.manifest import load_manifest
     from medseg.evaluation.report import evaluate
     from medseg.inference import make_predictor, segment_scan
-    from medseg.model import Model, load_model
+    from medseg.model import load_model
 
     model = load_model(model_dir)
-    model = Model(replace(model.spec, postprocess=postprocess), model.network, model.folder)
+    model = replace(model, spec=replace(model.spec, postprocess=postprocess))
     predictor = make_predictor(model)
     pred_dir = work / f"pred-{postprocess}"
     seconds = 0.0

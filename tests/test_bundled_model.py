@@ -10,7 +10,7 @@ from helpers import make_geometry, phantom, write_nifti
 from medseg.bundled import DEFAULT_MODEL, bundled_models, default_model_dir
 from medseg.cli import main
 from medseg.evaluation.metrics import dice
-from medseg.inference import SlicePredictor, segment_scan
+from medseg.inference import make_predictor, segment_scan
 from medseg.io.readers import read_scan
 from medseg.model import load_model
 
@@ -41,7 +41,7 @@ def test_segment_uses_bundled_model_by_default(tmp_path):
 @pytest.mark.realdata
 def test_bundled_model_dice_on_validation_cases(shared_data, tmp_path):
     manifest = json.loads(Path("data_manifests/hippocampus.json").read_text())
-    predictor = SlicePredictor(load_model(default_model_dir()))
+    predictor = make_predictor(load_model(default_model_dir()))
     scores = []
     for item in manifest["validation"][:5]:
         image = shared_data / "hippocampus" / "imagesTr" / item["image"].split("/")[-1]
