@@ -288,6 +288,8 @@ def _describe_model(folder: Path) -> None:
         f"spacing {spec.spacing or 'native'}, "
         f"window {spec.window[0]}x{spec.window[1]}"
     )
+    if spec.members:
+        print(f"  ensemble of {', '.join(spec.members)} (probabilities averaged), post-processing {spec.postprocess}")
     for lab in spec.labels:
         print(f"  {lab.value:3d} {lab.name:24s} rgb{lab.color}")
     dice = spec.provenance.get("validation_dice")

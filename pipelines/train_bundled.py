@@ -233,7 +233,9 @@ def main() -> int:
     else:
         shutil.copytree(article_dir, TARGET)
         shipped, shipped_spec = article, load_spec(article_dir)
-    chosen = replace(shipped_spec, name="hippocampus-mr", postprocess=shipped["postprocess"])
+    measured = {k.lower(): round(v["dice_mean"], 4) for k, v in shipped["summary"].items()}
+    provenance = {**shipped_spec.provenance, "validation_dice": measured, "validation": "40 cases, MODEL_CARD.md"}
+    chosen = replace(shipped_spec, name="hippocampus-mr", postprocess=shipped["postprocess"], provenance=provenance)
     chosen.save(TARGET / "model.json")
     ensemble_spec = load_spec(ensemble_dir) if ensemble_dir else None
     card = model_card(article, load_spec(article_dir), monai, monai_spec, ensemble, ensemble_spec)
