@@ -134,6 +134,7 @@ class BatchRunner:
         self.out_dir = out_dir
         self.options = options
         self.model_hash = model_hash
+        self._keys: dict[str, str] = {}  # scan name -> input fingerprint, set when planned
 
     def run(
         self,
@@ -228,6 +229,8 @@ class BatchRunner:
             key = fingerprint(scan, self.model_hash, self.options)
         except OSError:
             return None  # unreadable now: the read stage will say why
+        # The inputs as they were when the scan was planned: its record keeps this key.
+        self._keys[scan.name] = key
         if before is None or before.status not in ("ok", "skipped") or before.fingerprint != key:
             return None
         expected = [Path(p) for p in before.outputs.values()]
@@ -266,7 +269,6 @@ class BatchRunner:
                     write_probability_map(
                         job.probabilities[i], volume.geometry, outputs[f"prob-{lab.name}"], self.options.probabilities
                     )
-            key = fingerprint(scan, self.model_hash, self.options)
         except Exception as err:  # one scan's failure must never stop the batch
             return self._failed(scan, "write", err, sum(job.timings.values()) + time.perf_counter() - start)
         timings = {**job.timings, "write": time.perf_counter() - start}
@@ -279,7 +281,7 @@ class BatchRunner:
             seconds=round(sum(timings.values()), 3),
             timings={k: round(v, 4) for k, v in timings.items()},
             warnings=tuple(warnings),
-            fingerprint=key,
+            fingerprint=self._keys.pop(scan.name, ""),
         )
 
     def _write(self, labels: np.ndarray, volume: Volume, scan: ScanSource, outputs: dict[str, Path]) -> list[str]:
