@@ -45,11 +45,31 @@ class Model:
         return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
+# Largest magnitude stored as float16 with room to spare (its maximum is 65504).
+_HALF_LIMIT = 6e4
+
+
+def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with its float32 tensors stored as float16, halving the file.
+
+    Loading casts them back to the network's float32 parameters, so only the storage
+    rounding remains (relative 5e-4). A tensor with values beyond float16's range keeps
+    float32 rather than overflowing; integer buffers (BatchNorm's step count) stay as they are.
+    """
+    out = {}
+    for key, tensor in state.items():
+        fits = tensor.dtype == torch.float32 and tensor.numel() > 0 and bool(tensor.abs().max() < _HALF_LIMIT)
+        out[key] = tensor.half() if fits else tensor
+    return out
+
+
+def save_model(folder: Path, spec: ModelSpec, network: nn.Module, half: bool = False) -> ModelSpec:
     """Write ``network``'s weights (safetensors) and ``model.json`` to ``folder``.
 
-    Returns the spec as saved (weights file name and checksum filled in). Both files are
-    written under temporary names and renamed, so a crash never leaves a half model.
+    ``half`` stores float weights as float16 (see ``half_state``): for shipped models, where
+    size matters more than the last bits. Returns the spec as saved (weights file name and
+    checksum filled in). Both files are written under temporary names and renamed, so a
+    crash never leaves a half-written model.
     """
     from safetensors.torch import save_file
 
@@ -58,6 +78,8 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "weights.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    if half:
+        state = half_state(state)
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp))
     provenance = {
@@ -68,6 +90,13 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module) -> ModelSpec:
     with atomic_path(folder / SPEC_FILE) as tmp:
         saved.save(tmp)
     return saved
+
+
+def store_half(folder: Path) -> None:
+    """Rewrite the weights of the model (or of every ensemble member) in ``folder`` as float16."""
+    model = load_model(folder)
+    for member in model.members or (model,):
+        save_model(member.folder, member.spec, member.network, half=True)
 
 
 def load_spec(folder: Path) -> ModelSpec:

@@ -207,6 +207,7 @@ def _train(
 
     history: list[dict[str, Any]] = []
     first_epoch, best_score, best_epoch, best_dice = 0, -1.0, -1, {}
+    elapsed_before = 0.0  # seconds spent by earlier runs of this training (before --resume)
     checkpoint = run_dir / CHECKPOINT
     if resume and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -219,6 +220,8 @@ def _train(
             state["best_epoch"],
         )
         best_dice, history = state["best_dice"], state["history"]
+        # Checkpoints written before elapsed time was recorded: their epochs' own seconds.
+        elapsed_before = float(state.get("elapsed_seconds", sum(r["seconds"] for r in history)))
         logger.info("resuming %s at epoch %d", run_dir, first_epoch)
 
     bank: SliceBank = build_slice_bank(manifest.cases("training"), spec)
@@ -273,9 +276,8 @@ def _train(
             "slices_per_s": round(per_rank * ctx.world_size / seconds, 1),
         }
         last = epoch + 1 == config.epochs
-        out_of_time = config.time_limit_minutes is not None and (
-            time.perf_counter() - start_time > 60 * config.time_limit_minutes
-        )
+        elapsed = elapsed_before + time.perf_counter() - start_time
+        out_of_time = config.time_limit_minutes is not None and elapsed > 60 * config.time_limit_minutes
         if ctx.is_main and ((epoch + 1) % config.val_every == 0 or last or out_of_time):
             scores = validator(module, str(device))
             module.to(memory_format=torch.channels_last)
@@ -291,7 +293,7 @@ def _train(
                     manifest,
                     best_epoch,
                     best_dice,
-                    start_time,
+                    elapsed_before + time.perf_counter() - start_time,
                 )
         if ctx.is_main:
             history.append(row)
@@ -310,6 +312,7 @@ def _train(
                 "best_epoch": best_epoch,
                 "best_dice": best_dice,
                 "history": history,
+                "elapsed_seconds": elapsed_before + time.perf_counter() - start_time,
             }
             from medseg.io.files import atomic_path
 
@@ -323,7 +326,7 @@ def _train(
     in_sync = all(f == fingerprints[0] for f in fingerprints)
     if not in_sync:
         raise RuntimeError("distributed replicas ended with different weights: a DDP bug")
-    seconds = time.perf_counter() - start_time
+    seconds = elapsed_before + time.perf_counter() - start_time
     if ctx.is_main:
         if history:
             _save_curves(history, run_dir / "curves.png")
@@ -350,8 +353,9 @@ def _save_model_folder(
     manifest: Manifest,
     best_epoch: int,
     best_dice: dict[str, float],
-    start_time: float,
+    elapsed_seconds: float,
 ) -> None:
+    """The best model so far; ``elapsed_seconds`` of training up to it, across resumes."""
     provenance = {
         "trained": True,
         "manifest": str(manifest.path),
@@ -360,7 +364,7 @@ def _save_model_folder(
         "validation_cases": len(manifest.cases("validation")),
         "epoch": best_epoch,
         "validation_dice": best_dice,
-        "training_minutes": round((time.perf_counter() - start_time) / 60, 1),
+        "training_minutes": round(elapsed_seconds / 60, 1),
         "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()} threads"
         if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),

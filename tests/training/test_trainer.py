@@ -66,8 +66,11 @@ def test_resume_continues_exactly(manifest, tmp_path):
     straight = train(TINY, manifest, tmp_path / "a", show_progress=False)
     interrupted = replace(TINY, time_limit_minutes=0.0)  # stops after every epoch
     train(interrupted, manifest, tmp_path / "b", show_progress=False)
-    assert json.loads((tmp_path / "b" / "summary.json").read_text())["epochs_run"] == 1
+    first = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert first["epochs_run"] == 1
     train(interrupted, manifest, tmp_path / "b", resume=True, show_progress=False)
+    # Time spent counts across the resume (the model card reports it).
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["seconds"] > first["seconds"] > 0
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1 and straight.epochs_run == 2
