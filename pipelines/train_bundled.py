@@ -1,16 +1,18 @@
 """Reproduce the bundled ``models/hippocampus-mr`` model and its model card, in one command.
 
-    .venv/bin/python pipelines/train_bundled.py            # about 45 min per network here
+    .venv/bin/python pipelines/train_bundled.py --compare --ensemble
 
 1. trains ArticleUNet with ``pipelines/configs/hippocampus.json`` on the 160 training cases
    of ``data_manifests/hippocampus.json`` (``medseg train``; an interrupted run resumes);
-2. trains MONAI's UNet with the same configuration and budget (``--compare``) for the card,
-   and a 2.5D ArticleUNet member (``--ensemble``, ``hippocampus-context1.json``) whose
-   probabilities are averaged with the first model's; the ensemble ships if it scores higher;
+2. ``--ensemble``: trains the other members of ``MEMBERS`` (a 2.5D sagittal network and an
+   axial network, a second view) and averages all members' probabilities; the ensemble
+   ships if it scores higher than the first network alone;
+   ``--compare``: trains MONAI's UNet with the same configuration for the card, with the same
+   number of steps and with the same wall-clock time as the first network;
 3. segments the 40 validation cases through ``medseg segment``'s code path, with and
    without largest-component post-processing, and evaluates them (``medseg evaluate``);
-4. installs the better ArticleUNet variant as ``models/hippocampus-mr`` and writes
-   ``MODEL_CARD.md`` from the measured numbers.
+4. installs the better variant as ``models/hippocampus-mr`` (float16 weights, to stay small)
+   and writes ``MODEL_CARD.md`` and ``validation.json`` from the measured numbers.
 """
 
 from __future__ import annotations
@@ -22,27 +24,66 @@ import platform
 import shutil
 import sys
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIG = ROOT / "pipelines" / "configs" / "hippocampus.json"
-CONFIG_CONTEXT = ROOT / "pipelines" / "configs" / "hippocampus-context1.json"
+CONFIGS = ROOT / "pipelines" / "configs"
 MANIFEST = ROOT / "data_manifests" / "hippocampus.json"
 TARGET = ROOT / "models" / "hippocampus-mr"
 
 
-def train_run(config_path: Path, run_dir: Path, network: str | None = None) -> Path:
+@dataclass(frozen=True)
+class Run:
+    """One training run: ``name`` inside the shipped ensemble, its config file in
+    ``pipelines/configs``, its folder under ``--runs`` and what the card calls it."""
+
+    name: str
+    config: str
+    folder: str
+    description: str
+    network: str | None = None
+
+
+FIRST = Run("sagittal-2d", "hippocampus.json", "hippocampus-article", "ArticleUNet 2D, sagittal, 40 epochs")
+MEMBERS = (
+    FIRST,
+    Run(
+        "sagittal-context1",
+        "hippocampus-context1.json",
+        "hippocampus-context1",
+        "ArticleUNet 2.5D (k=1), sagittal, 25 epochs",
+    ),
+    Run("axial-2d", "hippocampus-axial.json", "hippocampus-axial", "ArticleUNet 2D, axial, 25 epochs"),
+)
+COMPARISONS = (
+    Run("monai-unet", "hippocampus.json", "hippocampus-monai-unet", "MONAI UNet, same steps", "MonaiUNet"),
+    Run(
+        "monai-unet-time",
+        "hippocampus-monai-time.json",
+        "hippocampus-monai-unet-time",
+        "MONAI UNet, same wall-clock (100 epochs)",
+    ),
+)
+
+
+def train_run(run: Run, runs: Path) -> Path:
+    """Train (or resume, or just reload when finished) ``run``; its best model folder."""
     from medseg.training.config import TrainConfig
     from medseg.training.trainer import train
 
-    config = TrainConfig.load(config_path)
-    if network:
-        config = replace(config, network=network)
-    result = train(config, MANIFEST, run_dir, resume=True)
-    return result.model_dir
+    config = TrainConfig.load(CONFIGS / run.config)
+    if run.network:
+        config = replace(config, network=run.network)
+    return train(config, MANIFEST, runs / run.folder, resume=True).model_dir
+
+
+def run_minutes(model_dir: Path) -> float:
+    """Wall-clock minutes of the whole training run (all epochs and validations, across resumes)."""
+    summary = json.loads((model_dir.parent / "summary.json").read_text())
+    return round(summary["seconds"] / 60, 1)
 
 
 def evaluate_variant(model_dir: Path, postprocess: str, work: Path) -> dict:
@@ -69,27 +110,36 @@ def evaluate_variant(model_dir: Path, postprocess: str, work: Path) -> dict:
     }
 
 
-def best_variant(model_dir: Path, work: Path) -> dict:
+def best_variant(model_dir: Path, work: Path, description: str, minutes: float) -> dict:
+    """Both post-processing variants of ``model_dir`` evaluated; the better one, with all in ``all``."""
     variants = [evaluate_variant(model_dir, p, work) for p in ("none", "largest_component")]
-
-    def mean_dice(v: dict) -> float:
-        return sum(s["dice_mean"] for s in v["summary"].values()) / len(v["summary"])
-
     for v in variants:
-        v["mean_dice"] = mean_dice(v)
-    return max(variants, key=lambda v: v["mean_dice"]) | {"all": variants}
+        v["mean_dice"] = sum(s["dice_mean"] for s in v["summary"].values()) / len(v["summary"])
+    return max(variants, key=lambda v: v["mean_dice"]) | {
+        "all": variants,
+        "description": description,
+        "training_minutes": minutes,
+    }
 
 
-def row(name: str, variant: dict, spec_provenance: dict) -> str:
+def dice_of(variant: dict) -> tuple[float, float]:
     # Evaluation names labels as the manifest does (MSD: "Anterior", "Posterior").
     s = {k.lower(): v for k, v in variant["summary"].items()}
-    return (
-        f"| {name} | {variant['postprocess']} | "
-        f"{s['anterior']['dice_mean']:.4f} | {s['posterior']['dice_mean']:.4f} | "
-        f"{s['anterior']['hd95_mm_mean']:.2f} / {s['posterior']['hd95_mm_mean']:.2f} | "
-        f"{s['anterior']['nsd_mean']:.4f} / {s['posterior']['nsd_mean']:.4f} | "
-        f"{spec_provenance.get('training_minutes', '?')} |"
-    )
+    return s["anterior"]["dice_mean"], s["posterior"]["dice_mean"]
+
+
+def rows(result: dict) -> list[str]:
+    out = []
+    for v in result["all"]:
+        s = {k.lower(): x for k, x in v["summary"].items()}
+        out.append(
+            f"| {result['description']} | {v['postprocess']} | "
+            f"{s['anterior']['dice_mean']:.4f} | {s['posterior']['dice_mean']:.4f} | "
+            f"{s['anterior']['hd95_mm_mean']:.2f} / {s['posterior']['hd95_mm_mean']:.2f} | "
+            f"{s['anterior']['nsd_mean']:.4f} / {s['posterior']['nsd_mean']:.4f} | "
+            f"{result['training_minutes']} |"
+        )
+    return out
 
 
 def build_ensemble(members: dict[str, Path], folder: Path, postprocess: str) -> Path:
@@ -102,6 +152,8 @@ def build_ensemble(members: dict[str, Path], folder: Path, postprocess: str) -> 
     for name, member in members.items():
         shutil.copytree(member, folder / name)
     first = load_spec(next(iter(members.values())))
+    # The top-level spec carries labels, preset and post-processing; each member its own
+    # slice axis, window and context.
     network = replace(first.network, in_channels=first.image_channels)
     spec = replace(
         first, network=network, context_slices=0, members=tuple(members), postprocess=postprocess, weights_sha256=None
@@ -110,19 +162,14 @@ def build_ensemble(members: dict[str, Path], folder: Path, postprocess: str) -> 
     return folder
 
 
-def model_card(
-    article: dict, article_spec, monai: dict | None, monai_spec, ensemble: dict | None = None, ensemble_spec=None
-) -> str:
-    best = ensemble if ensemble is not None and ensemble["mean_dice"] > article["mean_dice"] else article
-    shipped = {k.lower(): v for k, v in best["summary"].items()}
-    ant, post = shipped["anterior"]["dice_mean"], shipped["posterior"]["dice_mean"]
+def model_card(shipped: dict, results: list[dict], same_time_note: str) -> str:
+    ant, post = dice_of(shipped)
     lines = [
         "# hippocampus-mr",
         "",
         "medseg's bundled model: the article's 2D U-Net (`ArticleUNet`, base 16 channels, depth 4,",
-        "shipped alone or as the ensemble named in the table below;",
-        f"{article_spec.network.in_channels} input channel, 3 outputs) segmenting the anterior and posterior",
-        "hippocampus on T1-weighted MR crops, slice by slice along the sagittal axis (after RAS orientation).",
+        "3 outputs) segmenting the anterior and posterior hippocampus on T1-weighted MR crops, slice",
+        "by slice (after RAS orientation). Shipped as: " + shipped["description"] + ".",
         "",
         "## Data and licence",
         "Medical Segmentation Decathlon Task04 (Vanderbilt hippocampus, 260 annotated MR crops; the",
@@ -132,15 +179,20 @@ def model_card(
         "## Split",
         "`data_manifests/hippocampus.json`: 160 training / 40 validation cases, one case per subject;",
         "seeded shuffle (numpy `default_rng(0)`) of the sorted case ids, the last 20% validation.",
-        "Validation cases were never trained on; the best epoch was chosen on them, so these are",
-        "validation (not held-out test) figures.",
+        "Validation cases were never trained on; the best epoch of each run and the shipped variant",
+        "were chosen on them, so these are validation (not held-out test) figures.",
         "",
         "## Configuration and reproduction",
         "`pipelines/configs/hippocampus.json` (MR preset: 0.5-99.5 percentile clip + z-score per volume;",
         "sagittal slices padded to 64x48; 67% of samples from slices with foreground; rotation +-15 deg,",
         "scale 0.85-1.15, gain/offset/gamma/noise, no flips since flipping the sagittal plane swaps",
         "anterior and posterior; Dice + CE, AdamW 2e-3, 1 warm-up epoch then cosine, 40 x 150 steps of 32).",
-        "Reproduce with one command: `.venv/bin/python pipelines/train_bundled.py`.",
+        "Members: `hippocampus-context1.json` (the same with one neighbouring slice on each side as",
+        "input channels, 25 epochs, seed 1) and `hippocampus-axial.json` (axial slices padded to 48x64,",
+        "left-right flips allowed since they keep anterior and posterior, 25 epochs, seed 3). The",
+        "ensemble averages the members' softmax probabilities on each scan's grid, each member",
+        "slicing along its own axis. Reproduce everything with one command:",
+        "`.venv/bin/python pipelines/train_bundled.py --compare --ensemble`.",
         "",
         "## Validation metrics (40 cases, 3D, on each case's original grid)",
         "",
@@ -148,34 +200,20 @@ def model_card(
         "| NSD@1mm (ant / post) | training min |",
         "|---|---|---|---|---|---|---|",
     ]
-    for v in article["all"]:
-        lines.append(row("ArticleUNet (this model)", v, article_spec.provenance))
-    if ensemble is not None:
-        for v in ensemble["all"]:
-            lines.append(
-                row("ensemble: ArticleUNet 2D + ArticleUNet 2.5D (k=1, 25 epochs)", v, ensemble_spec.provenance)
-            )
-    if monai is not None:
-        for v in monai["all"]:
-            lines.append(row("MONAI UNet (BN, 2 res units)", v, monai_spec.provenance))
-    if monai is not None:
-        lines += [
-            "",
-            "Both networks ran the same pipeline, configuration and number of steps (40 x 150 x 32 slices);",
-            "MONAI's UNet (1.6 M parameters against 2.4 M) takes about a third of the time per step here, so",
-            "this is a same-steps comparison: a same-wall-clock run of MONAI's UNet is still to be measured.",
-            "Training minutes include time the CPU was shared with other work during this session.",
-        ]
+    for result in results:
+        lines += rows(result)
     lines += [
         "",
-        f"Shipped: {'the ensemble' if best is ensemble else 'the single ArticleUNet'}, post-processing "
-        f"`{best['postprocess']}`. Inference: {best['seconds_per_case']:.2f} s per case on the CPU below, "
-        "read to write.",
+        "Training minutes are wall-clock for the whole run (every epoch and validation); an",
+        "ensemble's are the sum of its members'. " + same_time_note,
+        "",
+        f"Shipped: {shipped['description']}, post-processing `{shipped['postprocess']}`, weights stored",
+        f"as float16 (validation Dice unchanged to 4 decimals). Inference: {shipped['seconds_per_case']:.2f} s",
+        "per case on the CPU below, read to write.",
         "",
         "## Hardware and time",
         f"{platform.machine()} CPU, 2 cores, no GPU, PyTorch {__import__('torch').__version__}, fp32 "
-        "(this CPU has no native bf16; emulated bf16 trained ~10x slower). Training minutes above are",
-        "wall-clock on that machine, including validation every 2 epochs.",
+        "(this CPU has no native bf16; emulated bf16 trained ~10x slower).",
         "",
         "## Limits",
         "Trained on crops around the hippocampus (about 35x50x40 mm at 1 mm): give it such crops",
@@ -184,67 +222,82 @@ def model_card(
         "",
         "## Against the goal",
         f"Goal: mean Dice >= 0.89 anterior and >= 0.87 posterior. Shipped: {ant:.4f} / {post:.4f}: "
-        + (
-            "met."
-            if ant >= 0.89 and post >= 0.87
-            else "NOT met yet: one 2D model plateaus below it here and averaging a 2.5D member gained about "
-            "+0.005 / +0.004; the levers left are more members (other seeds, k=2 context, other slice axes) "
-            "and augmentation aimed at the worst cases."
-        ),
+        + ("met." if ant >= 0.89 and post >= 0.87 else "NOT met yet."),
     ]
     return "\n".join(lines) + "\n"
+
+
+def same_time_note(results: dict[str, dict]) -> str:
+    same_steps, same_time = results.get("monai-unet"), results.get("monai-unet-time")
+    if same_steps is None:
+        return ""
+    note = (
+        "MONAI's UNet (1.6 M parameters against 2.4 M) takes about 40% of the time per step here; "
+        "it ran the same pipeline and configuration for the same steps"
+    )
+    if same_time is None:
+        return note + "."
+    return note + " and, with more epochs, for about the same wall-clock time as the first ArticleUNet."
+
+
+def install(result: dict, members: dict[str, Path]) -> None:
+    """Copy the chosen model (one folder, or the ensemble of ``members``) to TARGET as float16."""
+    from medseg.model import load_spec, store_half
+
+    if TARGET.exists():
+        shutil.rmtree(TARGET)
+    if len(members) > 1:
+        build_ensemble(members, TARGET, result["postprocess"])
+    else:
+        shutil.copytree(next(iter(members.values())), TARGET)
+    store_half(TARGET)
+    spec = load_spec(TARGET)
+    a, p = dice_of(result)
+    provenance = {
+        **spec.provenance,
+        "validation_dice": {"anterior": round(a, 4), "posterior": round(p, 4)},
+        "training_minutes": result["training_minutes"],
+        "validation": "40 cases, MODEL_CARD.md",
+    }
+    spec = replace(spec, name="hippocampus-mr", postprocess=result["postprocess"], provenance=provenance)
+    spec.save(TARGET / "model.json")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--compare", action="store_true", help="also train MONAI's UNet for the card")
-    parser.add_argument("--ensemble", action="store_true", help="also train a 2.5D member; ship the ensemble if better")
+    parser.add_argument("--ensemble", action="store_true", help="also train the other members; ship if better")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("monai").setLevel(logging.ERROR)
-    from medseg.model import load_spec
 
-    article_dir = train_run(CONFIG, args.runs / "hippocampus-article")
-    article = best_variant(article_dir, args.runs / "hippocampus-article" / "eval")
-    monai, monai_spec = None, None
-    if args.compare:
-        monai_dir = train_run(CONFIG, args.runs / "hippocampus-monai-unet", network="MonaiUNet")
-        monai = best_variant(monai_dir, args.runs / "hippocampus-monai-unet" / "eval")
-        monai_spec = load_spec(monai_dir)
-
-    ensemble, ensemble_dir = None, None
-    if args.ensemble:
-        context_dir = train_run(CONFIG_CONTEXT, args.runs / "hippocampus-context1")
-        members = {"sagittal-2d": article_dir, "sagittal-context1": context_dir}
-        ensemble_dir = build_ensemble(members, args.runs / "hippocampus-ensemble", "none")
-        ensemble = best_variant(ensemble_dir, args.runs / "hippocampus-ensemble-eval")
-
-    use_ensemble = ensemble is not None and ensemble["mean_dice"] > article["mean_dice"]
-    if TARGET.exists():
-        shutil.rmtree(TARGET)
-    if use_ensemble:
-        build_ensemble(
-            {"sagittal-2d": article_dir, "sagittal-context1": args.runs / "hippocampus-context1" / "model"},
-            TARGET,
-            ensemble["postprocess"],
+    runs = [*(MEMBERS if args.ensemble else (FIRST,)), *(COMPARISONS if args.compare else ())]
+    model_dirs = {run.name: train_run(run, args.runs) for run in runs}
+    results = {
+        run.name: best_variant(
+            model_dirs[run.name], args.runs / run.folder / "eval", run.description, run_minutes(model_dirs[run.name])
         )
-        shipped, shipped_spec = ensemble, load_spec(TARGET)
-    else:
-        shutil.copytree(article_dir, TARGET)
-        shipped, shipped_spec = article, load_spec(article_dir)
-    measured = {k.lower(): round(v["dice_mean"], 4) for k, v in shipped["summary"].items()}
-    provenance = {**shipped_spec.provenance, "validation_dice": measured, "validation": "40 cases, MODEL_CARD.md"}
-    chosen = replace(shipped_spec, name="hippocampus-mr", postprocess=shipped["postprocess"], provenance=provenance)
-    chosen.save(TARGET / "model.json")
-    ensemble_spec = load_spec(ensemble_dir) if ensemble_dir else None
-    card = model_card(article, load_spec(article_dir), monai, monai_spec, ensemble, ensemble_spec)
+        for run in runs
+    }
+    candidates = [(results[FIRST.name], {FIRST.name: model_dirs[FIRST.name]})]
+    comparisons = {run.name: results.pop(run.name) for run in runs if run in COMPARISONS}
+    if args.ensemble:
+        members = {run.name: model_dirs[run.name] for run in MEMBERS}
+        folder = build_ensemble(members, args.runs / "hippocampus-ensemble", "none")
+        minutes = round(sum(results[name]["training_minutes"] for name in members), 1)
+        description = "ensemble of the " + ", ".join(run.name for run in MEMBERS) + " networks"
+        results["ensemble"] = best_variant(folder, args.runs / "hippocampus-ensemble-eval", description, minutes)
+        candidates.append((results["ensemble"], members))
+    results |= comparisons  # the card lists them last
+    shipped, members = max(candidates, key=lambda c: c[0]["mean_dice"])
+    install(shipped, members)
+    card = model_card(shipped, list(results.values()), same_time_note(results))
     (TARGET / "MODEL_CARD.md").write_text(card)
-    results = {"article": article, "monai_unet": monai, "ensemble": ensemble}
     (TARGET / "validation.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"installed {TARGET}")
-    print((TARGET / "MODEL_CARD.md").read_text())
+    print(card)
     return 0
 
 
