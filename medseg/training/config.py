@@ -42,6 +42,8 @@ class TrainConfig:
     model's whole-slice window. ``precision`` "auto" uses bf16 autocast only where the CPU
     has native bf16 (it is ~10x slower than fp32 where emulated) and AMP on GPUs.
     ``time_limit_minutes`` ends training early at an epoch boundary (best model kept).
+    ``batch_dice`` computes the Dice loss over the whole batch rather than per slice (as
+    nnU-Net does for 2D), so slices without foreground do not each pull towards empty output.
     """
 
     labels: tuple[str, ...] | None = None
@@ -63,6 +65,7 @@ class TrainConfig:
     grad_clip: float = 12.0
     precision: str = "auto"
     pos_fraction: float = 0.67
+    batch_dice: bool = False
     val_every: int = 2
     seed: int = 0
     device: str = "auto"

@@ -185,7 +185,7 @@ def _train(
     config_path = run_dir / "config.json"
     # Through JSON so tuples and lists compare equal with the saved file.
     resolved = json.loads(json.dumps({**config.to_dict(), "labels": [lab.name for lab in spec.labels]}))
-    if resume and config_path.is_file() and json.loads(config_path.read_text()) != resolved:
+    if resume and config_path.is_file() and _saved_config(config_path) != resolved:
         raise ConfigError(f"{config_path}: --resume with a different configuration; use a new run folder")
     if ctx.is_main:
         config_path.write_text(json.dumps(resolved, indent=2) + "\n")
@@ -201,7 +201,7 @@ def _train(
         )
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
     amp = _autocast_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
@@ -343,6 +343,13 @@ def _train(
         if writer is not None:
             writer.close()
     return TrainResult(run_dir, run_dir / MODEL_DIR, best_epoch, best_dice, epoch + 1, seconds)
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The resolved configuration saved in a run folder, with defaults filled in for options
+    added since it was written (so a run stays resumable across medseg versions)."""
+    saved = TrainConfig.from_dict(json.loads(path.read_text()), where=str(path))
+    return json.loads(json.dumps(saved.to_dict()))
 
 
 def _save_model_folder(

@@ -56,8 +56,9 @@ def test_training_writes_a_model_folder_segment_takes(manifest, tmp_path):
     np.testing.assert_allclose(out.affine, nib.load(str(image)).affine, atol=1e-5)
 
 
-def test_training_learns_the_blobs(manifest, tmp_path):
-    config = replace(TINY, epochs=6, steps_per_epoch=10, val_every=6, base_channels=8)
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_training_learns_the_blobs(manifest, tmp_path, batch_dice):
+    config = replace(TINY, epochs=6, steps_per_epoch=10, val_every=6, base_channels=8, batch_dice=batch_dice)
     result = train(config, manifest, tmp_path / "run", show_progress=False)
     assert min(result.best_dice.values()) > 0.5, result.best_dice
 
@@ -68,6 +69,9 @@ def test_resume_continues_exactly(manifest, tmp_path):
     train(interrupted, manifest, tmp_path / "b", show_progress=False)
     first = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert first["epochs_run"] == 1
+    # A run folder written before an option existed resumes with that option's default.
+    saved = tmp_path / "b" / "config.json"
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "batch_dice"}))
     train(interrupted, manifest, tmp_path / "b", resume=True, show_progress=False)
     # Time spent counts across the resume (the model card reports it).
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["seconds"] > first["seconds"] > 0
