@@ -98,7 +98,12 @@ def main() -> None:
     parser.add_argument("--single-calls", type=int, default=8)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    # One network on both sides: the bundled model's first member when it is an ensemble
+    # (this measures batch overhead, not ensembling; the recipe below runs one network).
     model_dir = default_model_dir()
+    members = load_model(model_dir).spec.members
+    if members:
+        model_dir = model_dir / members[0]
     medseg = [sys.executable, "-m", "medseg", "segment", "--quiet", "--model", str(model_dir)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

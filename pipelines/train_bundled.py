@@ -47,16 +47,28 @@ class Run:
     network: str | None = None
 
 
-FIRST = Run("sagittal-2d", "hippocampus.json", "hippocampus-article", "ArticleUNet 2D, sagittal, 40 epochs")
+FIRST = Run("sagittal-2d", "hippocampus.json", "hippocampus-article", "ArticleUNet 2D, sagittal, 40 epochs, seed 0")
 MEMBERS = (
     FIRST,
     Run(
         "sagittal-context1",
         "hippocampus-context1.json",
         "hippocampus-context1",
-        "ArticleUNet 2.5D (k=1), sagittal, 25 epochs",
+        "ArticleUNet 2.5D (one neighbouring slice each side as input channels), sagittal, 25 epochs, seed 1",
     ),
-    Run("axial-2d", "hippocampus-axial.json", "hippocampus-axial", "ArticleUNet 2D, axial, 25 epochs"),
+    Run(
+        "axial-2d",
+        "hippocampus-axial.json",
+        "hippocampus-axial",
+        "ArticleUNet 2D, axial slices padded to 48x64, left-right flips (they keep anterior and posterior), "
+        "25 epochs, seed 3",
+    ),
+    Run(
+        "sagittal-batchdice",
+        "hippocampus-batchdice.json",
+        "hippocampus-batchdice",
+        "ArticleUNet 2D, sagittal, Dice over the batch (`batch_dice`), 25 epochs, seed 4",
+    ),
 )
 COMPARISONS = (
     Run("monai-unet", "hippocampus.json", "hippocampus-monai-unet", "MONAI UNet, same steps", "MonaiUNet"),
@@ -187,12 +199,12 @@ def model_card(shipped: dict, results: list[dict], same_time_note: str) -> str:
         "sagittal slices padded to 64x48; 67% of samples from slices with foreground; rotation +-15 deg,",
         "scale 0.85-1.15, gain/offset/gamma/noise, no flips since flipping the sagittal plane swaps",
         "anterior and posterior; Dice + CE, AdamW 2e-3, 1 warm-up epoch then cosine, 40 x 150 steps of 32).",
-        "Members: `hippocampus-context1.json` (the same with one neighbouring slice on each side as",
-        "input channels, 25 epochs, seed 1) and `hippocampus-axial.json` (axial slices padded to 48x64,",
-        "left-right flips allowed since they keep anterior and posterior, 25 epochs, seed 3). The",
-        "ensemble averages the members' softmax probabilities on each scan's grid, each member",
-        "slicing along its own axis. Reproduce everything with one command:",
-        "`.venv/bin/python pipelines/train_bundled.py --compare --ensemble`.",
+        "Ensemble members (each config differs from the first only where its description says):",
+        *(f"- `{run.name}`: `pipelines/configs/{run.config}`: {run.description}" for run in MEMBERS),
+        "",
+        "The ensemble averages the members' softmax probabilities on each scan's grid, each member",
+        "slicing along its own axis (axial and sagittal: a multi-view ensemble). Reproduce everything",
+        "with one command: `.venv/bin/python pipelines/train_bundled.py --compare --ensemble`.",
         "",
         "## Validation metrics (40 cases, 3D, on each case's original grid)",
         "",
