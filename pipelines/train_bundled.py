@@ -4,11 +4,11 @@
 
 1. trains ArticleUNet with ``pipelines/configs/hippocampus.json`` on the 160 training cases
    of ``data_manifests/hippocampus.json`` (``medseg train``; an interrupted run resumes);
-2. ``--ensemble``: trains the other members of ``MEMBERS`` (a 2.5D sagittal network and an
-   axial network, a second view) and averages all members' probabilities; the ensemble
+2. ``--ensemble``: trains the four networks of ``MEMBERS`` (2.5D sagittal, batch-Dice sagittal,
+   and two axial networks: a second view) and averages their probabilities; the ensemble
    ships if it scores higher than the first network alone;
-   ``--compare``: trains MONAI's UNet with the same configuration for the card, with the same
-   number of steps and with the same wall-clock time as the first network;
+   ``--compare``: trains MONAI's UNet with the same configuration for the card, for the same
+   number of steps (and ``--compare-time``: for the same wall-clock time as the first network);
 3. segments the 40 validation cases through ``medseg segment``'s code path, with and
    without largest-component post-processing, and evaluates them (``medseg evaluate``);
 4. installs the better variant as ``models/hippocampus-mr`` (float16 weights, to stay small)
@@ -48,8 +48,9 @@ class Run:
 
 
 FIRST = Run("sagittal-2d", "hippocampus.json", "hippocampus-article", "ArticleUNet 2D, sagittal, 40 epochs, seed 0")
+# Chosen on the validation cases among the runs below and FIRST: the four together scored best
+# (FIRST in place of any of them scored lower); four float16 members fit the 20 MB budget.
 MEMBERS = (
-    FIRST,
     Run(
         "sagittal-context1",
         "hippocampus-context1.json",
@@ -69,9 +70,16 @@ MEMBERS = (
         "hippocampus-batchdice",
         "ArticleUNet 2D, sagittal, Dice over the batch (`batch_dice`), 25 epochs, seed 4",
     ),
+    Run(
+        "axial-batchdice",
+        "hippocampus-axial-batchdice.json",
+        "hippocampus-axial-batchdice",
+        "ArticleUNet 2D, axial as `axial-2d`, Dice over the batch, 25 epochs, seed 5",
+    ),
 )
+SAME_STEPS = Run("monai-unet", "hippocampus.json", "hippocampus-monai-unet", "MONAI UNet, same steps", "MonaiUNet")
 COMPARISONS = (
-    Run("monai-unet", "hippocampus.json", "hippocampus-monai-unet", "MONAI UNet, same steps", "MonaiUNet"),
+    SAME_STEPS,
     Run(
         "monai-unet-time",
         "hippocampus-monai-time.json",
@@ -199,7 +207,7 @@ def model_card(shipped: dict, results: list[dict], same_time_note: str) -> str:
         "sagittal slices padded to 64x48; 67% of samples from slices with foreground; rotation +-15 deg,",
         "scale 0.85-1.15, gain/offset/gamma/noise, no flips since flipping the sagittal plane swaps",
         "anterior and posterior; Dice + CE, AdamW 2e-3, 1 warm-up epoch then cosine, 40 x 150 steps of 32).",
-        "Ensemble members (each config differs from the first only where its description says):",
+        "Ensemble members (each config differs from `hippocampus.json` only where its description says):",
         *(f"- `{run.name}`: `pipelines/configs/{run.config}`: {run.description}" for run in MEMBERS),
         "",
         "The ensemble averages the members' softmax probabilities on each scan's grid, each member",
@@ -217,7 +225,8 @@ def model_card(shipped: dict, results: list[dict], same_time_note: str) -> str:
     lines += [
         "",
         "Training minutes are wall-clock for the whole run (every epoch and validation); an",
-        "ensemble's are the sum of its members'. " + same_time_note,
+        "ensemble's are the sum of its members'. Some runs shared the CPU with evaluations for a",
+        "few minutes, which those minutes include. " + same_time_note,
         "",
         f"Shipped: {shipped['description']}, post-processing `{shipped['postprocess']}`, weights stored",
         f"as float16 (validation Dice unchanged to 4 decimals). Inference: {shipped['seconds_per_case']:.2f} s",
@@ -234,7 +243,15 @@ def model_card(shipped: dict, results: list[dict], same_time_note: str) -> str:
         "",
         "## Against the goal",
         f"Goal: mean Dice >= 0.89 anterior and >= 0.87 posterior. Shipped: {ant:.4f} / {post:.4f}: "
-        + ("met." if ant >= 0.89 and post >= 0.87 else "NOT met yet."),
+        + (
+            "met."
+            if ant >= 0.89 and post >= 0.87
+            else "NOT met yet. One 2D network plateaus below it here; a second view (axial members),"
+            " batch Dice and averaging four networks brought the ensemble to the figures above."
+            " Levers left: flip test-time augmentation for the axial members (left-right is safe),"
+            " more members (the 20 MB budget holds four float16 ones), augmentation aimed at the"
+            " worst cases."
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -278,14 +295,18 @@ def install(result: dict, members: dict[str, Path]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
-    parser.add_argument("--compare", action="store_true", help="also train MONAI's UNet for the card")
+    parser.add_argument("--compare", action="store_true", help="also train MONAI's UNet (same steps) for the card")
+    parser.add_argument(
+        "--compare-time", action="store_true", help="and MONAI's UNet for the same wall-clock time (~35 min more)"
+    )
     parser.add_argument("--ensemble", action="store_true", help="also train the other members; ship if better")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("monai").setLevel(logging.ERROR)
 
-    runs = [*(MEMBERS if args.ensemble else (FIRST,)), *(COMPARISONS if args.compare else ())]
+    compared = COMPARISONS if args.compare_time else (SAME_STEPS,) if args.compare else ()
+    runs = [FIRST, *(MEMBERS if args.ensemble else ()), *compared]
     model_dirs = {run.name: train_run(run, args.runs) for run in runs}
     results = {
         run.name: best_variant(
