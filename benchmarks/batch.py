@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medseg.bundled import default_model_dir  # noqa: E402
-from medseg.model import load_model  # noqa: E402
+from medseg.model import load_model, load_spec  # noqa: E402
 
 
 def make_scans(folder: Path, n: int) -> list[Path]:
@@ -98,12 +98,15 @@ def main() -> None:
     parser.add_argument("--single-calls", type=int, default=8)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    # One network on both sides: the bundled model's first member when it is an ensemble
-    # (this measures batch overhead, not ensembling; the recipe below runs one network).
+    # One network on both sides: an ensemble's first plain 2D sagittal member (this measures
+    # batch overhead, not ensembling; the recipe below runs one such network).
     model_dir = default_model_dir()
-    members = load_model(model_dir).spec.members
-    if members:
-        model_dir = model_dir / members[0]
+    members = [model_dir / name for name in load_spec(model_dir).members]
+    for member in members:
+        spec = load_spec(member)
+        if spec.slice_axis == "sagittal" and spec.context_slices == 0:
+            model_dir = member
+            break
     medseg = [sys.executable, "-m", "medseg", "segment", "--quiet", "--model", str(model_dir)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
