@@ -12,6 +12,10 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medseg.spec import ModelSpec
 
 logger = logging.getLogger("medseg")
 
@@ -277,19 +281,28 @@ def _run_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _layout(spec: ModelSpec) -> str:
+    """One line: network, slicing and window of a single (non-ensemble) model."""
+    net = spec.network
+    return (
+        f"{net.name} in={net.in_channels} base={net.base_channels} depth={net.depth}, "
+        f"slice axis {spec.slice_axis}, spacing {spec.spacing or 'native'}, "
+        f"window {spec.window[0]}x{spec.window[1]}, context slices {spec.context_slices}"
+    )
+
+
 def _describe_model(folder: Path) -> None:
     from medseg.model import load_spec
 
     spec = load_spec(folder)
-    net = spec.network
-    print(f"{spec.name}: {net.name} in={net.in_channels} base={net.base_channels} depth={net.depth}")
-    print(
-        f"  preset {spec.preset}, slice axis {spec.slice_axis}, "
-        f"spacing {spec.spacing or 'native'}, "
-        f"window {spec.window[0]}x{spec.window[1]}"
-    )
     if spec.members:
-        print(f"  ensemble of {', '.join(spec.members)} (probabilities averaged), post-processing {spec.postprocess}")
+        print(f"{spec.name}: ensemble (probabilities averaged), preset {spec.preset}, ", end="")
+        print(f"post-processing {spec.postprocess}")
+        # Each member has its own network, slice axis and window: a top-level one would mislead.
+        for name in spec.members:
+            print(f"  {name}: {_layout(load_spec(folder / name))}")
+    else:
+        print(f"{spec.name}: {_layout(spec)}, preset {spec.preset}, post-processing {spec.postprocess}")
     for lab in spec.labels:
         print(f"  {lab.value:3d} {lab.name:24s} rgb{lab.color}")
     dice = spec.provenance.get("validation_dice")

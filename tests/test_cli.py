@@ -217,6 +217,15 @@ def test_ensemble_model_folder_segments(tmp_path, scan):
     assert (tmp_path / "out" / "scan.nii.gz").is_file()
 
 
+def test_info_describes_each_ensemble_member(tmp_path, capsys):
+    top = _ensemble_folder(tmp_path)
+    assert main(["info", str(top)]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble (probabilities averaged)" in out
+    assert "view-axial: ArticleUNet" in out and "slice axis axial" in out
+    assert "view-sagittal: ArticleUNet" in out and "slice axis sagittal" in out
+
+
 def test_ensemble_member_with_other_labels_is_refused(tmp_path, scan, caplog):
     top = _ensemble_folder(tmp_path, member_labels=("background", "left", "right"))
     out = tmp_path / "out"
