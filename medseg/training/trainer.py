@@ -224,6 +224,10 @@ def _train(
         elapsed_before = float(state.get("elapsed_seconds", sum(r["seconds"] for r in history)))
         logger.info("resuming %s at epoch %d", run_dir, first_epoch)
 
+    def elapsed() -> float:
+        """Seconds of training so far, earlier runs of this training included."""
+        return elapsed_before + time.perf_counter() - start_time
+
     bank: SliceBank = build_slice_bank(manifest.cases("training"), spec)
     validator = _Validator(manifest.cases("validation"), spec) if ctx.is_main else None
     writer = _tensorboard(run_dir) if ctx.is_main else None
@@ -276,8 +280,7 @@ def _train(
             "slices_per_s": round(per_rank * ctx.world_size / seconds, 1),
         }
         last = epoch + 1 == config.epochs
-        elapsed = elapsed_before + time.perf_counter() - start_time
-        out_of_time = config.time_limit_minutes is not None and elapsed > 60 * config.time_limit_minutes
+        out_of_time = config.time_limit_minutes is not None and elapsed() > 60 * config.time_limit_minutes
         if ctx.is_main and ((epoch + 1) % config.val_every == 0 or last or out_of_time):
             scores = validator(module, str(device))
             module.to(memory_format=torch.channels_last)
@@ -293,7 +296,7 @@ def _train(
                     manifest,
                     best_epoch,
                     best_dice,
-                    elapsed_before + time.perf_counter() - start_time,
+                    elapsed(),
                 )
         if ctx.is_main:
             history.append(row)
@@ -312,7 +315,7 @@ def _train(
                 "best_epoch": best_epoch,
                 "best_dice": best_dice,
                 "history": history,
-                "elapsed_seconds": elapsed_before + time.perf_counter() - start_time,
+                "elapsed_seconds": elapsed(),
             }
             from medseg.io.files import atomic_path
 
@@ -326,7 +329,7 @@ def _train(
     in_sync = all(f == fingerprints[0] for f in fingerprints)
     if not in_sync:
         raise RuntimeError("distributed replicas ended with different weights: a DDP bug")
-    seconds = elapsed_before + time.perf_counter() - start_time
+    seconds = elapsed()
     if ctx.is_main:
         if history:
             _save_curves(history, run_dir / "curves.png")
