@@ -40,11 +40,12 @@ def test_segment_uses_bundled_model_by_default(tmp_path):
 
 
 @pytest.mark.realdata
-def test_bundled_model_dice_on_validation_cases(shared_data, tmp_path):
+def test_bundled_model_meets_the_dice_goal_on_validation_cases(shared_data, tmp_path):
+    """All 40 validation cases through segment's code path (~20 s): the issue's goal, 0.89 / 0.87."""
     manifest = json.loads(Path("data_manifests/hippocampus.json").read_text())
     predictor = make_predictor(load_model(default_model_dir()))
     scores = []
-    for item in manifest["validation"][:5]:
+    for item in manifest["validation"]:
         image = shared_data / "hippocampus" / "imagesTr" / item["image"].split("/")[-1]
         label = shared_data / "hippocampus" / "labelsTr" / item["label"].split("/")[-1]
         result = segment_scan(image, predictor, tmp_path)
@@ -52,4 +53,5 @@ def test_bundled_model_dice_on_validation_cases(shared_data, tmp_path):
         ref = np.rint(read_scan(label).array[0]).astype(int)
         scores.append([dice(pred, ref, 1), dice(pred, ref, 2)])
     mean = np.mean(scores, axis=0)
-    assert mean[0] > 0.83 and mean[1] > 0.8, mean
+    assert len(scores) == 40
+    assert mean[0] >= 0.89 and mean[1] >= 0.87, mean
