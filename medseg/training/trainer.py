@@ -9,7 +9,7 @@ import logging
 import math
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,110 @@ def train(
         distributed.shutdown(ctx)
 
 
+@dataclass
+class _Progress:
+    """Where a training stands: what a checkpoint carries besides weights and optimiser."""
+
+    next_epoch: int = 0
+    best_score: float = -1.0  # mean foreground Dice of the best epoch
+    best_epoch: int = -1
+    best_dice: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one log row per epoch
+    elapsed_before: float = 0.0  # seconds spent by earlier runs of this training (before --resume)
+
+    def record(self, epoch: int, scores: dict[str, float]) -> bool:
+        """Note validation ``scores`` of 1-based ``epoch``; True when it is the best so far."""
+        mean = float(np.mean(list(scores.values())))
+        if mean <= self.best_score:
+            return False
+        self.best_score, self.best_epoch, self.best_dice = mean, epoch, scores
+        return True
+
+
+class _Optimisation:
+    """The network with its optimiser, schedule, loss and precision, one step at a time.
+
+    ``module`` is the bare network (saved and validated); ``network`` is what trains
+    (``module`` wrapped in DistributedDataParallel when several processes run).
+    """
+
+    def __init__(self, config: TrainConfig, spec: ModelSpec, device: torch.device, ctx: distributed.DistContext):
+        from monai.losses import DiceCELoss
+
+        # Initial weights depend on the seed alone, not on what ran before in this process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            module = build_network(spec.network)
+        self.module = module.to(device, memory_format=torch.channels_last)
+        self.network: nn.Module = self.module
+        if ctx.enabled:
+            self.network = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.device = device
+        self.grad_clip = config.grad_clip
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
+        self.amp = _autocast_dtype(config, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One optimiser step on (B, C, H, W) images and (B, 1, H, W) labels; the loss."""
+        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        labels = labels.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logits = self.network(images)
+        loss = self.loss_fn(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.item()
+
+    def save(self, path: Path, progress: _Progress, epoch: int, elapsed_seconds: float) -> None:
+        """Checkpoint after 0-based ``epoch`` (written atomically: a killed run keeps the last one)."""
+        from medseg.io.files import atomic_path
+
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "best_score": progress.best_score,
+            "best_epoch": progress.best_epoch,
+            "best_dice": progress.best_dice,
+            "history": progress.history,
+            "elapsed_seconds": elapsed_seconds,
+        }
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self, path: Path) -> _Progress:
+        """Restore a checkpoint written by ``save``; where training stood."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        history = state["history"]
+        return _Progress(
+            next_epoch=state["epoch"] + 1,
+            best_score=state["best_score"],
+            best_epoch=state["best_epoch"],
+            best_dice=state["best_dice"],
+            history=history,
+            # Checkpoints written before elapsed time was recorded: their epochs' own seconds.
+            elapsed_before=float(state.get("elapsed_seconds", sum(r["seconds"] for r in history))),
+        )
+
+
 def _train(
     config: TrainConfig,
     manifest_path: Path,
@@ -175,12 +279,53 @@ def _train(
     device: torch.device,
     ctx: distributed.DistContext,
 ) -> TrainResult:
-    from monai.losses import DiceCELoss
-    from tqdm import tqdm
-
     start_time = time.perf_counter()
     manifest = load_manifest(manifest_path, data_root)
     spec = model_spec(config, manifest)
+    _write_resolved_config(config, spec, run_dir, resume, ctx)
+    opt = _Optimisation(config, spec, device, ctx)
+    checkpoint = run_dir / CHECKPOINT
+    progress = _Progress()
+    if resume and checkpoint.is_file():
+        progress = opt.load(checkpoint)
+        logger.info("resuming %s at epoch %d", run_dir, progress.next_epoch)
+
+    def elapsed() -> float:
+        """Seconds of training so far, earlier runs of this training included."""
+        return progress.elapsed_before + time.perf_counter() - start_time
+
+    bank = build_slice_bank(manifest.cases("training"), spec)
+    validator = _Validator(manifest.cases("validation"), spec) if ctx.is_main else None
+    writer = _tensorboard(run_dir) if ctx.is_main else None
+    epoch = progress.next_epoch - 1
+    seconds = progress.elapsed_before  # training time at the last checkpoint: what the run reports
+    for epoch in range(progress.next_epoch, config.epochs):
+        row = _train_epoch(opt, bank, config, epoch, ctx, show_progress)
+        last = epoch + 1 == config.epochs
+        out_of_time = config.time_limit_minutes is not None and elapsed() > 60 * config.time_limit_minutes
+        if ctx.is_main:
+            if (epoch + 1) % config.val_every == 0 or last or out_of_time:
+                scores = validator(opt.module, str(device))
+                opt.module.to(memory_format=torch.channels_last)
+                row.update({f"dice_{k}": round(v, 4) for k, v in scores.items()})
+                if progress.record(epoch + 1, scores):
+                    _save_model_folder(run_dir / MODEL_DIR, spec, opt.module, config, manifest, progress, elapsed())
+            progress.history.append(row)
+            _log_epoch(progress.history, run_dir, writer)
+        seconds = elapsed()
+        if ctx.is_main:
+            opt.save(checkpoint, progress, epoch, seconds)
+        if distributed.broadcast_flag(ctx, out_of_time):
+            logger.info("time limit of %s min reached after epoch %d", config.time_limit_minutes, epoch + 1)
+            break
+    # Reloading a finished run trains nothing and adds no time to it.
+    return _finish(run_dir, opt.module, progress, epoch + 1, seconds, ctx, writer)
+
+
+def _write_resolved_config(
+    config: TrainConfig, spec: ModelSpec, run_dir: Path, resume: bool, ctx: distributed.DistContext
+) -> None:
+    """Save the configuration with every default filled in; refuse to resume under another one."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
     # Through JSON so tuples and lists compare equal with the saved file.
@@ -190,153 +335,85 @@ def _train(
     if ctx.is_main:
         config_path.write_text(json.dumps(resolved, indent=2) + "\n")
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        module = build_network(spec.network)
-    module = module.to(device, memory_format=torch.channels_last)
-    network: nn.Module = module
-    if ctx.enabled:
-        network = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=config.batch_dice)
-    amp = _autocast_dtype(config, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-    history: list[dict[str, Any]] = []
-    first_epoch, best_score, best_epoch, best_dice = 0, -1.0, -1, {}
-    elapsed_before = 0.0  # seconds spent by earlier runs of this training (before --resume)
-    checkpoint = run_dir / CHECKPOINT
-    if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        first_epoch, best_score, best_epoch = (
-            state["epoch"] + 1,
-            state["best_score"],
-            state["best_epoch"],
-        )
-        best_dice, history = state["best_dice"], state["history"]
-        # Checkpoints written before elapsed time was recorded: their epochs' own seconds.
-        elapsed_before = float(state.get("elapsed_seconds", sum(r["seconds"] for r in history)))
-        logger.info("resuming %s at epoch %d", run_dir, first_epoch)
+def _train_epoch(
+    opt: _Optimisation,
+    bank: SliceBank,
+    config: TrainConfig,
+    epoch: int,
+    ctx: distributed.DistContext,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Train 0-based ``epoch``; its log row (loss, learning rate, speed)."""
+    from tqdm import tqdm
 
-    def elapsed() -> float:
-        """Seconds of training so far, earlier runs of this training included."""
-        return elapsed_before + time.perf_counter() - start_time
-
-    bank: SliceBank = build_slice_bank(manifest.cases("training"), spec)
-    validator = _Validator(manifest.cases("validation"), spec) if ctx.is_main else None
-    writer = _tensorboard(run_dir) if ctx.is_main else None
+    t0 = time.perf_counter()
     per_rank = config.steps_per_epoch * config.batch_size
-    epoch = first_epoch - 1
-    for epoch in range(first_epoch, config.epochs):
-        t0 = time.perf_counter()
-        # The epoch's samples depend only on (seed, epoch): resuming replays them exactly, and
-        # every rank draws the same list, which DistributedSampler then partitions.
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        samples = epoch_samples(bank, per_rank * ctx.world_size, config.pos_fraction, gen)
-        sampler = torch.utils.data.DistributedSampler(
-            range(len(samples)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False
-        )
-        local = samples[list(sampler)]
-        aug_gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + ctx.rank + 7)
-        network.train()
-        losses = []
-        steps = range(config.steps_per_epoch)
-        bar = tqdm(
-            steps,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            leave=False,
-            disable=not (show_progress and ctx.is_main),
-        )
-        for step in bar:
-            idx = local[step * config.batch_size : (step + 1) * config.batch_size]
-            images, labels = crop_batch(bank, idx, config.window, aug_gen)
-            images, labels = augment_batch(images, labels, config.augment, aug_gen)
-            images = images.to(device).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = network(images)
-            loss = loss_fn(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        seconds = time.perf_counter() - t0
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            "loss": float(np.mean(losses)),
-            "seconds": round(seconds, 2),
-            "slices_per_s": round(per_rank * ctx.world_size / seconds, 1),
-        }
-        last = epoch + 1 == config.epochs
-        out_of_time = config.time_limit_minutes is not None and elapsed() > 60 * config.time_limit_minutes
-        if ctx.is_main and ((epoch + 1) % config.val_every == 0 or last or out_of_time):
-            scores = validator(module, str(device))
-            module.to(memory_format=torch.channels_last)
-            row.update({f"dice_{k}": round(v, 4) for k, v in scores.items()})
-            mean = float(np.mean(list(scores.values())))
-            if mean > best_score:
-                best_score, best_epoch, best_dice = mean, epoch + 1, scores
-                _save_model_folder(
-                    run_dir / MODEL_DIR,
-                    spec,
-                    module,
-                    config,
-                    manifest,
-                    best_epoch,
-                    best_dice,
-                    elapsed(),
-                )
-        if ctx.is_main:
-            history.append(row)
-            logger.info("epoch %s", " ".join(f"{k}={v}" for k, v in row.items()))
-            _write_csv(history, run_dir / "log.csv")
-            if writer is not None:
-                for k, v in row.items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, epoch + 1)
-            state = {
-                "model": module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "best_dice": best_dice,
-                "history": history,
-                "elapsed_seconds": elapsed(),
-            }
-            from medseg.io.files import atomic_path
+    # The epoch's samples depend only on (seed, epoch): resuming replays them exactly, and
+    # every rank draws the same list, which DistributedSampler then partitions.
+    gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    samples = epoch_samples(bank, per_rank * ctx.world_size, config.pos_fraction, gen)
+    sampler = torch.utils.data.DistributedSampler(
+        range(len(samples)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=False
+    )
+    local = samples[list(sampler)]
+    aug_gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + ctx.rank + 7)
+    opt.network.train()
+    losses: list[float] = []
+    bar = tqdm(
+        range(config.steps_per_epoch),
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        leave=False,
+        disable=not (show_progress and ctx.is_main),
+    )
+    for step in bar:
+        idx = local[step * config.batch_size : (step + 1) * config.batch_size]
+        images, labels = crop_batch(bank, idx, config.window, aug_gen)
+        images, labels = augment_batch(images, labels, config.augment, aug_gen)
+        losses.append(opt.step(images, labels))
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    seconds = time.perf_counter() - t0
+    return {
+        "epoch": epoch + 1,
+        "lr": opt.lr,
+        "loss": float(np.mean(losses)),
+        "seconds": round(seconds, 2),
+        "slices_per_s": round(per_rank * ctx.world_size / seconds, 1),
+    }
 
-            with atomic_path(checkpoint) as tmp:
-                torch.save(state, tmp)
-        if distributed.broadcast_flag(ctx, out_of_time):
-            logger.info("time limit of %s min reached after epoch %d", config.time_limit_minutes, epoch + 1)
-            break
 
+def _log_epoch(history: list[dict[str, Any]], run_dir: Path, writer: Any) -> None:
+    """The newest row of ``history`` to the log, ``log.csv`` and TensorBoard (when installed)."""
+    row = history[-1]
+    logger.info("epoch %s", " ".join(f"{k}={v}" for k, v in row.items()))
+    _write_csv(history, run_dir / "log.csv")
+    if writer is not None:
+        for k, v in row.items():
+            if k != "epoch":
+                writer.add_scalar(k, v, row["epoch"])
+
+
+def _finish(
+    run_dir: Path,
+    module: nn.Module,
+    progress: _Progress,
+    epochs_run: int,
+    seconds: float,
+    ctx: distributed.DistContext,
+    writer: Any,
+) -> TrainResult:
+    """Check that replicas agree, write ``curves.png`` and ``summary.json``; the result."""
     fingerprints = distributed.weight_fingerprints(ctx, module)
     in_sync = all(f == fingerprints[0] for f in fingerprints)
     if not in_sync:
         raise RuntimeError("distributed replicas ended with different weights: a DDP bug")
-    seconds = elapsed()
     if ctx.is_main:
-        if history:
-            _save_curves(history, run_dir / "curves.png")
+        if progress.history:
+            _save_curves(progress.history, run_dir / "curves.png")
         summary = {
-            "best_epoch": best_epoch,
-            "best_dice": best_dice,
-            "epochs_run": epoch + 1,
+            "best_epoch": progress.best_epoch,
+            "best_dice": progress.best_dice,
+            "epochs_run": epochs_run,
             "seconds": round(seconds, 1),
             "world_size": ctx.world_size,
             "replicas_in_sync": in_sync,
@@ -345,7 +422,7 @@ def _train(
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if writer is not None:
             writer.close()
-    return TrainResult(run_dir, run_dir / MODEL_DIR, best_epoch, best_dice, epoch + 1, seconds)
+    return TrainResult(run_dir, run_dir / MODEL_DIR, progress.best_epoch, progress.best_dice, epochs_run, seconds)
 
 
 def _saved_config(path: Path) -> dict[str, Any]:
@@ -361,8 +438,7 @@ def _save_model_folder(
     module: nn.Module,
     config: TrainConfig,
     manifest: Manifest,
-    best_epoch: int,
-    best_dice: dict[str, float],
+    progress: _Progress,
     elapsed_seconds: float,
 ) -> None:
     """The best model so far; ``elapsed_seconds`` of training up to it, across resumes."""
@@ -372,8 +448,8 @@ def _save_model_folder(
         "dataset": manifest.name,
         "training_cases": len(manifest.cases("training")),
         "validation_cases": len(manifest.cases("validation")),
-        "epoch": best_epoch,
-        "validation_dice": best_dice,
+        "epoch": progress.best_epoch,
+        "validation_dice": progress.best_dice,
         "training_minutes": round(elapsed_seconds / 60, 1),
         "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()} threads"
         if not torch.cuda.is_available()
