@@ -195,6 +195,23 @@ def _check_series(series: DicomSeries) -> tuple[list[DicomSlice], float, np.ndar
 
     Raises ScanError for mixed orientations or grids, duplicates, gaps and gantry tilt.
     """
+    _check_one_stack(series)
+    first = series.slices[0]
+    row = np.asarray(first.orientation[:3])
+    col = np.asarray(first.orientation[3:])
+    normal = np.cross(row, col)
+    positions = np.asarray([s.position for s in series.slices])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    ordered = [series.slices[i] for i in order]
+    step = _check_steps(series.folder, ordered, along[order])
+    _check_tilt(series.folder, positions[order], along[order], normal)
+    direction = np.stack([row, col, normal], axis=1)
+    return ordered, step, direction
+
+
+def _check_one_stack(series: DicomSeries) -> None:
+    """At least two slices, all of one orientation, matrix size and pixel spacing."""
     folder = series.folder
     first = series.slices[0]
     for s in series.slices[1:]:
@@ -222,14 +239,13 @@ def _check_series(series: DicomSeries) -> tuple[list[DicomSlice], float, np.ndar
             "is a single 2D image, not a volume",
             "medseg segments 3D scans: give it a series with at least two slices",
         )
-    row = np.asarray(first.orientation[:3])
-    col = np.asarray(first.orientation[3:])
-    normal = np.cross(row, col)
-    positions = np.asarray([s.position for s in series.slices])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    ordered = [series.slices[i] for i in order]
-    along = along[order]
+
+
+def _check_steps(folder: Path, ordered: list[DicomSlice], along: np.ndarray) -> float:
+    """The slice step (mm) of slices sorted by ``along`` (N,) (mm along the normal).
+
+    Raises ScanError for duplicated positions, missing slices and uneven spacing.
+    """
     steps = np.diff(along)
     dup = np.flatnonzero(steps < _POSITION_TOL_MM)
     if dup.size:
@@ -258,7 +274,13 @@ def _check_series(series: DicomSeries) -> tuple[list[DicomSlice], float, np.ndar
             f"slice spacing is not uniform: steps range {steps.min():.3f}-{steps.max():.3f} mm",
             "resample the series to a regular grid (for example with dcm2niix) first",
         )
-    offsets = positions[order] - positions[order][0]
+    return step
+
+
+def _check_tilt(folder: Path, positions: np.ndarray, along: np.ndarray, normal: np.ndarray) -> None:
+    """Raise ScanError when sorted slice ``positions`` (N, 3) drift sideways off the ``normal``
+    (3,) as they advance ``along`` (N,) it: gantry tilt, which one affine cannot describe."""
+    offsets = positions - positions[0]
     sideways = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
     tilt = np.degrees(np.arctan2(sideways[1:], np.maximum(along[1:] - along[0], 1e-9)))
     if tilt.size and tilt.max() > _TILT_TOL_DEG and sideways.max() > 10 * _POSITION_TOL_MM:
@@ -268,8 +290,6 @@ def _check_series(series: DicomSeries) -> tuple[list[DicomSlice], float, np.ndar
             "positions do not advance along the slice normal",
             "resample the series to an orthogonal grid first (dcm2niix corrects gantry tilt)",
         )
-    direction = np.stack([row, col, normal], axis=1)
-    return ordered, step, direction
 
 
 def _pixels(path: Path) -> np.ndarray:

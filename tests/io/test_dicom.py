@@ -62,6 +62,37 @@ def test_mixed_orientation_is_refused(series):
         read_scan(folder)
 
 
+def test_mixed_pixel_spacing_is_refused_naming_both_files(series):
+    folder, _, paths = series
+    ds = pydicom.dcmread(paths[1])
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.save_as(paths[1])
+    with pytest.raises(
+        ScanError,
+        match=rf"mixes image grids: \w+ is 12x10 at \(0.6, 0.75\) mm, {paths[1].name} is 12x10 at \(0.5, 0.5\) mm",
+    ):
+        read_scan(folder)
+
+
+def test_single_slice_is_refused(series):
+    folder, _, paths = series
+    for path in paths[1:]:
+        path.unlink()
+    with pytest.raises(ScanError, match=rf"{paths[0].name}: is a single 2D image"):
+        read_scan(folder)
+
+
+def test_uneven_slice_spacing_is_refused(series):
+    folder, _, paths = series
+    ds = pydicom.dcmread(paths[2])
+    # 0.5 mm further along the normal: steps 2.5, 3.0, 2.0, ...: no gap, no duplicate, uneven.
+    position = np.asarray(ds.ImagePositionPatient, dtype=float) + GEOMETRY.direction_matrix[:, 2] * 0.5
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    ds.save_as(paths[2])
+    with pytest.raises(ScanError, match=r"slice spacing is not uniform: steps range 2.000-3.000 mm"):
+        read_scan(folder)
+
+
 def test_gantry_tilt_is_refused(series):
     folder, _, paths = series
     d = GEOMETRY.direction_matrix
