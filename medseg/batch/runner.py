@@ -142,9 +142,37 @@ class BatchRunner:
         progress: Callable[[ScanRecord], None] | None = None,
         slice_progress: Progress | None = None,
     ) -> RunReport:
+        """Segment this shard's scans (those done before with the same inputs are kept); the
+        report, rewritten after every scan so an interrupted run leaves an accurate one."""
         index, count = self.options.shard
-        scans = discovery.scans[index::count]
-        report = RunReport(
+        report = self._new_report(discovery)
+        previous = {} if self.options.overwrite else load_records(self.out_dir, self.report_name)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out_dir)
+
+        def finish(record: ScanRecord) -> None:
+            report.records.append(record)
+            report.write(self.out_dir, self.report_name)
+            if progress is not None:
+                progress(record)
+
+        todo = []
+        for scan in discovery.scans[index::count]:
+            done = self._done_before(scan, previous.get(scan.name))
+            if done is not None:
+                finish(done)
+            else:
+                todo.append(scan)
+        self._segment_overlapped(todo, finish, slice_progress)
+        report.settings["complete"] = True  # a merge of shard parts waits for this
+        report.write(self.out_dir, self.report_name)
+        if "qc" in self.options.formats:
+            write_index(report, self.out_dir)
+        return report
+
+    def _new_report(self, discovery: Discovery) -> RunReport:
+        index, count = self.options.shard
+        return RunReport(
             skipped_files=[{"path": str(s.path), "reason": s.reason} for s in discovery.skipped],
             settings={
                 **environment(),
@@ -156,47 +184,35 @@ class BatchRunner:
                 "shard": f"{index}/{count}",
             },
         )
-        previous = {} if self.options.overwrite else load_records(self.out_dir, self.report_name)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out_dir)
 
-        def finish(record: ScanRecord) -> None:
-            report.records.append(record)
-            report.write(self.out_dir, self.report_name)
-            if progress is not None:
-                progress(record)
+    def _segment_overlapped(
+        self,
+        scans: list[ScanSource],
+        finish: Callable[[ScanRecord], None],
+        slice_progress: Progress | None,
+    ) -> None:
+        """Segment ``scans`` in order, passing each one's record to ``finish``.
 
-        # Reading the next scan and writing the previous one overlap with inference: file
-        # decompression and pixel decoding release the GIL, so they run while the network does.
-        todo = []
-        for scan in scans:
-            done = self._done_before(scan, previous.get(scan.name))
-            if done is not None:
-                finish(done)
-            else:
-                todo.append(scan)
+        Reading the next scan and writing the previous one overlap with inference: file
+        decompression and pixel decoding release the GIL, so they run while the network does.
+        """
         with (
             ThreadPoolExecutor(1, thread_name_prefix="medseg-read") as reader,
             ThreadPoolExecutor(1, thread_name_prefix="medseg-write") as writer,
         ):
-            reads = {0: reader.submit(_timed, read_source, todo[0])} if todo else {}
+            reads = {0: reader.submit(_timed, read_source, scans[0])} if scans else {}
             writing: Future | None = None
-            for i, scan in enumerate(todo):
-                if i + 1 < len(todo):
-                    reads[i + 1] = reader.submit(_timed, read_source, todo[i + 1])
+            for i, scan in enumerate(scans):
+                if i + 1 < len(scans):
+                    reads[i + 1] = reader.submit(_timed, read_source, scans[i + 1])
                 job = self._infer(scan, reads.pop(i), slice_progress)
                 if writing is not None:
                     finish(writing.result())
                 writing = writer.submit(self._finish_write, job) if isinstance(job, _Job) else None
                 if not isinstance(job, _Job):
-                    finish(job)
+                    finish(job)  # a failure: its record needs no writing
             if writing is not None:
                 finish(writing.result())
-        report.settings["complete"] = True  # a merge of shard parts waits for this
-        report.write(self.out_dir, self.report_name)
-        if "qc" in self.options.formats:
-            write_index(report, self.out_dir)
-        return report
 
     @property
     def report_name(self) -> str:
