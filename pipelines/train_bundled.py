@@ -5,7 +5,7 @@
 1. trains ArticleUNet with ``pipelines/configs/hippocampus.json`` on the 160 training cases
    of ``data_manifests/hippocampus.json`` (``medseg train``; an interrupted run resumes);
 2. ``--ensemble``: trains the four networks of ``MEMBERS`` (2.5D and 2D sagittal, axial and
-   coronal: one view per slice axis, all with batch Dice) and averages their probabilities; the ensemble
+   coronal: all three slice axes, all with batch Dice) and averages their probabilities; the ensemble
    ships if it scores higher than the first network alone;
    ``--compare``: trains MONAI's UNet with the same configuration for the card, for the same
    number of steps (and ``--compare-time``: for the same wall-clock time as the first network);
