@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--name", default="medseg-model")
     init.add_argument("--seed", type=int, default=0)
 
+    ens = sub.add_parser("ensemble", help="combine trained model folders into one (probabilities averaged)")
+    ens.add_argument("models", type=Path, nargs="+", help="two or more model folders (e.g. RUN/model)")
+    ens.add_argument("-o", "--output", type=Path, required=True, help="ensemble model folder to create")
+    ens.add_argument("--names", help="comma-separated member names (default: each run folder's name)")
+    ens.add_argument("--postprocess", choices=("none", "largest_component"), default="none")
+    ens.add_argument("--name", help="the ensemble's model name (default: the first member's)")
+    ens.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    ens.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
     info = sub.add_parser("info", help="describe a model folder, or list the bundled models")
     info.add_argument("model", type=Path, nargs="?", help="model folder (default: all bundled)")
 
@@ -266,6 +275,22 @@ def _run_init_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_ensemble(args: argparse.Namespace) -> int:
+    from medseg.errors import ConfigError
+    from medseg.model import build_ensemble, member_name
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else [member_name(m) for m in args.models]
+    if len(names) != len(args.models):
+        raise ConfigError(f"--names gives {len(names)} names for {len(args.models)} model folders")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"member names must differ, got {names}; pass --names")
+    spec = build_ensemble(
+        dict(zip(names, args.models)), args.output, args.postprocess, args.name, args.half, args.overwrite
+    )
+    print(f"wrote ensemble {args.output}: {', '.join(spec.members)} ({len(spec.labels)} labels)")
+    return EXIT_OK
+
+
 def _run_info(args: argparse.Namespace) -> int:
     from medseg.bundled import DEFAULT_MODEL, bundled_models
 
@@ -354,6 +379,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 COMMANDS = {
     "segment": _run_segment,
     "init-model": _run_init_model,
+    "ensemble": _run_ensemble,
     "info": _run_info,
     "manifest": _run_manifest,
     "train": _run_train,

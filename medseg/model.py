@@ -7,6 +7,9 @@ Weights are safetensors (preferred) or a plain PyTorch state dict loaded with
 from __future__ import annotations
 
 import logging
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -192,6 +195,104 @@ def _load_ensemble(folder: Path, spec: ModelSpec, device: str | torch.device) ->
                 "members must be trained for the same labels with the same intensity preset",
             )
     return Model(spec=spec, network=None, folder=folder, members=members)
+
+
+def member_name(folder: Path) -> str:
+    """A sub-folder name for the model in ``folder`` inside an ensemble: the folder's name (its
+    run folder's for a training run's ``RUN/model``), reduced to letters, digits, ``._-``."""
+    folder = Path(folder).resolve()
+    raw = folder.parent.name if folder.name == "model" else folder.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).lstrip(".") or "member"
+
+
+def build_ensemble(
+    members: Mapping[str, Path],
+    folder: Path,
+    postprocess: str = "none",
+    name: str | None = None,
+    half: bool = False,
+    overwrite: bool = False,
+) -> ModelSpec:
+    """Write an ensemble model folder averaging the probabilities of ``members``.
+
+    ``members`` maps sub-folder names to model folders; each is copied inside ``folder``
+    (so the ensemble is self-contained) and keeps its own network, slice axis, window and
+    context. They must be single models with the same labels and intensity preset; this is
+    checked before anything is written. The folder is assembled under a temporary name and
+    renamed, so a failure leaves nothing behind. ``half`` stores the copies' weights as
+    float16. Returns the ensemble's spec.
+    """
+    import shutil
+    import uuid
+
+    folder = Path(folder)
+    if len(members) < 2:
+        raise ModelError(folder, "an ensemble needs at least two member models", "pass two or more model folders")
+    if folder.exists() and not overwrite:
+        raise ModelError(folder, "already exists", "choose a new output folder or pass --overwrite")
+    specs = {member: _ensemble_member_spec(source, members) for member, source in members.items()}
+    first = next(iter(specs.values()))
+    # The top-level spec carries labels, preset and post-processing; each member its own
+    # slice axis, window and context (a member's validation Dice would mislead here).
+    spec = replace(
+        first,
+        network=replace(first.network, in_channels=first.image_channels),
+        context_slices=0,
+        members=tuple(members),
+        postprocess=postprocess,
+        weights_sha256=None,
+        name=name or first.name,
+        provenance={
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "trained": all(s.provenance.get("trained", False) for s in specs.values()),
+            **_shared_provenance(list(specs.values())),
+            "ensemble_of": {member: str(Path(source).resolve()) for member, source in members.items()},
+        },
+    )
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        for member, source in members.items():
+            shutil.copytree(source, tmp / member)
+        spec.save(tmp / SPEC_FILE)
+        if half:
+            store_half(tmp)
+        load_model(tmp)  # everything written loads together
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote ensemble %s of %s", folder, ", ".join(members))
+    return spec
+
+
+# Facts about the training data that hold for an ensemble when every member agrees on them.
+_DATA_PROVENANCE = ("manifest", "dataset", "training_cases", "validation_cases")
+
+
+def _shared_provenance(specs: list[ModelSpec]) -> dict:
+    first = specs[0].provenance
+    return {
+        key: first[key]
+        for key in _DATA_PROVENANCE
+        if key in first and all(s.provenance.get(key) == first[key] for s in specs)
+    }
+
+
+def _ensemble_member_spec(source: Path, members: Mapping[str, Path]) -> ModelSpec:
+    """The spec of ``source``, refused when it cannot join the others in ``members``."""
+    spec = load_spec(Path(source))
+    if spec.members:
+        raise ModelError(source, "is itself an ensemble", "pass its member folders instead")
+    first = load_spec(Path(next(iter(members.values()))))
+    if spec.labels != first.labels or spec.preset != first.preset:
+        raise ModelError(
+            Path(source) / SPEC_FILE,
+            f"has other labels or another preset than {Path(next(iter(members.values()))) / SPEC_FILE}",
+            "ensemble members must be trained for the same labels with the same intensity preset",
+        )
+    return spec
 
 
 def init_model(folder: Path, spec: ModelSpec, seed: int = 0) -> ModelSpec:

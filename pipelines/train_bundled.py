@@ -166,22 +166,10 @@ def rows(result: dict) -> list[str]:
 
 
 def build_ensemble(members: dict[str, Path], folder: Path, postprocess: str) -> Path:
-    """A model folder averaging ``members`` (name -> model folder), copied inside it."""
-    from medseg.model import load_spec
+    """An ensemble model folder of ``members`` (name -> model folder), replacing ``folder``."""
+    from medseg.model import build_ensemble as write_ensemble
 
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for name, member in members.items():
-        shutil.copytree(member, folder / name)
-    first = load_spec(next(iter(members.values())))
-    # The top-level spec carries labels, preset and post-processing; each member its own
-    # slice axis, window and context.
-    network = replace(first.network, in_channels=first.image_channels)
-    spec = replace(
-        first, network=network, context_slices=0, members=tuple(members), postprocess=postprocess, weights_sha256=None
-    )
-    spec.save(folder / "model.json")
+    write_ensemble(members, folder, postprocess, overwrite=True)
     return folder
 
 
@@ -287,7 +275,9 @@ def install(result: dict, members: dict[str, Path]) -> None:
     spec = load_spec(TARGET)
     a, p = dice_of(result)
     provenance = {
-        **spec.provenance,
+        # Where the members were trained is this machine's business; the recipe is the card's.
+        **{k: v for k, v in spec.provenance.items() if k != "ensemble_of"},
+        "recipe": "pipelines/train_bundled.py",
         "validation_dice": {"anterior": round(a, 4), "posterior": round(p, 4)},
         "training_minutes": result["training_minutes"],
         "validation": "40 cases, MODEL_CARD.md",
