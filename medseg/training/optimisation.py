@@ -1,5 +1,5 @@
 """The optimisation side of training: network, optimiser, schedule, loss and precision, one
-step at a time, and the progress record a checkpoint carries."""
+step at a time, and the training state a checkpoint carries."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def lr_lambda(config: TrainConfig) -> Any:
 
 
 @dataclass
-class Progress:
+class TrainingState:
     """Where a training stands: what a checkpoint carries besides weights and optimiser."""
 
     next_epoch: int = 0
@@ -115,7 +115,7 @@ class Optimisation:
         self.scheduler.step()
         return loss.item()
 
-    def save(self, path: Path, progress: Progress, epoch: int, elapsed_seconds: float) -> None:
+    def save(self, path: Path, training: TrainingState, epoch: int, elapsed_seconds: float) -> None:
         """Checkpoint after 0-based ``epoch`` (written atomically: a killed run keeps the last one)."""
         from medseg.io.files import atomic_path
 
@@ -124,23 +124,23 @@ class Optimisation:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
-            "best_score": progress.best_score,
-            "best_epoch": progress.best_epoch,
-            "best_dice": progress.best_dice,
-            "history": progress.history,
+            "best_score": training.best_score,
+            "best_epoch": training.best_epoch,
+            "best_dice": training.best_dice,
+            "history": training.history,
             "elapsed_seconds": elapsed_seconds,
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
-    def load(self, path: Path) -> Progress:
+    def load(self, path: Path) -> TrainingState:
         """Restore a checkpoint written by ``save``; where training stood."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         history = state["history"]
-        return Progress(
+        return TrainingState(
             next_epoch=state["epoch"] + 1,
             best_score=state["best_score"],
             best_epoch=state["best_epoch"],

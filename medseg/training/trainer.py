@@ -29,7 +29,7 @@ from medseg.training.augment import augment_batch
 from medseg.training.config import TrainConfig
 from medseg.training.data import SliceBank, build_slice_bank, crop_batch, epoch_samples
 from medseg.training.logs import log_epoch, save_curves, tensorboard_writer
-from medseg.training.optimisation import Optimisation, Progress
+from medseg.training.optimisation import Optimisation, TrainingState
 
 logger = logging.getLogger(__name__)
 
@@ -124,21 +124,21 @@ def _train(
     _write_resolved_config(config, spec, run_dir, resume, ctx)
     opt = Optimisation(config, spec, device, ctx)
     checkpoint = run_dir / CHECKPOINT
-    progress = Progress()
+    state = TrainingState()
     if resume and checkpoint.is_file():
-        progress = opt.load(checkpoint)
-        logger.info("resuming %s at epoch %d", run_dir, progress.next_epoch)
+        state = opt.load(checkpoint)
+        logger.info("resuming %s at epoch %d", run_dir, state.next_epoch)
 
     def elapsed() -> float:
         """Seconds of training so far, earlier runs of this training included."""
-        return progress.elapsed_before + time.perf_counter() - start_time
+        return state.elapsed_before + time.perf_counter() - start_time
 
     bank = build_slice_bank(manifest.cases("training"), spec)
     validator = _Validator(manifest.cases("validation"), spec) if ctx.is_main else None
     writer = tensorboard_writer(run_dir) if ctx.is_main else None
-    epoch = progress.next_epoch - 1
-    seconds = progress.elapsed_before  # training time at the last checkpoint: what the run reports
-    for epoch in range(progress.next_epoch, config.epochs):
+    epoch = state.next_epoch - 1
+    seconds = state.elapsed_before  # training time at the last checkpoint: what the run reports
+    for epoch in range(state.next_epoch, config.epochs):
         row = _train_epoch(opt, bank, config, epoch, ctx, show_progress)
         last = epoch + 1 == config.epochs
         out_of_time = config.time_limit_minutes is not None and elapsed() > 60 * config.time_limit_minutes
@@ -147,18 +147,18 @@ def _train(
                 scores = validator(opt.module, str(device))
                 opt.module.to(memory_format=torch.channels_last)
                 row.update({f"dice_{k}": round(v, 4) for k, v in scores.items()})
-                if progress.record(epoch + 1, scores):
-                    _save_model_folder(run_dir / MODEL_DIR, spec, opt.module, config, manifest, progress, elapsed())
-            progress.history.append(row)
-            log_epoch(progress.history, run_dir, writer)
+                if state.record(epoch + 1, scores):
+                    _save_model_folder(run_dir / MODEL_DIR, spec, opt.module, config, manifest, state, elapsed())
+            state.history.append(row)
+            log_epoch(state.history, run_dir, writer)
         seconds = elapsed()
         if ctx.is_main:
-            opt.save(checkpoint, progress, epoch, seconds)
+            opt.save(checkpoint, state, epoch, seconds)
         if distributed.broadcast_flag(ctx, out_of_time):
             logger.info("time limit of %s min reached after epoch %d", config.time_limit_minutes, epoch + 1)
             break
     # Reloading a finished run trains nothing and adds no time to it.
-    return _finish(run_dir, opt.module, progress, epoch + 1, seconds, ctx, writer)
+    return _finish(run_dir, opt.module, state, epoch + 1, seconds, ctx, writer)
 
 
 def _write_resolved_config(
@@ -224,7 +224,7 @@ def _train_epoch(
 def _finish(
     run_dir: Path,
     module: nn.Module,
-    progress: Progress,
+    state: TrainingState,
     epochs_run: int,
     seconds: float,
     ctx: distributed.DistContext,
@@ -236,11 +236,11 @@ def _finish(
     if not in_sync:
         raise RuntimeError("distributed replicas ended with different weights: a DDP bug")
     if ctx.is_main:
-        if progress.history:
-            save_curves(progress.history, run_dir / "curves.png")
+        if state.history:
+            save_curves(state.history, run_dir / "curves.png")
         summary = {
-            "best_epoch": progress.best_epoch,
-            "best_dice": progress.best_dice,
+            "best_epoch": state.best_epoch,
+            "best_dice": state.best_dice,
             "epochs_run": epochs_run,
             "seconds": round(seconds, 1),
             "world_size": ctx.world_size,
@@ -250,7 +250,7 @@ def _finish(
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if writer is not None:
             writer.close()
-    return TrainResult(run_dir, run_dir / MODEL_DIR, progress.best_epoch, progress.best_dice, epochs_run, seconds)
+    return TrainResult(run_dir, run_dir / MODEL_DIR, state.best_epoch, state.best_dice, epochs_run, seconds)
 
 
 def _saved_config(path: Path) -> dict[str, Any]:
@@ -266,7 +266,7 @@ def _save_model_folder(
     module: nn.Module,
     config: TrainConfig,
     manifest: Manifest,
-    progress: Progress,
+    state: TrainingState,
     elapsed_seconds: float,
 ) -> None:
     """The best model so far; ``elapsed_seconds`` of training up to it, across resumes."""
@@ -276,8 +276,8 @@ def _save_model_folder(
         "dataset": manifest.name,
         "training_cases": len(manifest.cases("training")),
         "validation_cases": len(manifest.cases("validation")),
-        "epoch": progress.best_epoch,
-        "validation_dice": progress.best_dice,
+        "epoch": state.best_epoch,
+        "validation_dice": state.best_dice,
         "training_minutes": round(elapsed_seconds / 60, 1),
         "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()} threads"
         if not torch.cuda.is_available()
