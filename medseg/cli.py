@@ -121,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes (CPU: gloo)")
 
     ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and surface Dice of predictions")
-    ev.add_argument("--pred", type=Path, required=True, help="folder of predictions (medseg segment output)")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pred", type=Path, help="folder of predictions (medseg segment output)")
+    source.add_argument(
+        "--model", type=Path, help="segment the split with this model folder first (into OUTPUT/predictions)"
+    )
     ev.add_argument("--manifest", type=Path, required=True)
     ev.add_argument("--split", default="validation", choices=("training", "validation", "test"))
     ev.add_argument("-o", "--output", type=Path, required=True, help="report folder")
@@ -370,10 +374,29 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from medseg.evaluation.report import evaluate
 
-    result = evaluate(args.pred, args.manifest, args.output, args.split, args.tolerance_mm, args.data_root)
+    pred, failures = args.pred, None
+    if args.model is not None:
+        pred, failures = args.output / "predictions", _predict_split(args)
+    result = evaluate(pred, args.manifest, args.output, args.split, args.tolerance_mm, args.data_root, failures)
     print((args.output / "summary.md").read_text())
     print(f"report in {args.output}")
     return EXIT_OK if not result.problems else EXIT_SOME_FAILED
+
+
+def _predict_split(args: argparse.Namespace) -> dict[str, str]:
+    """``evaluate --model``: segment the split into OUTPUT/predictions; failures by case id."""
+    from tqdm import tqdm
+
+    from medseg.data.manifest import load_manifest
+    from medseg.evaluation.predict import predict_split
+    from medseg.model import load_model
+
+    model = load_model(args.model)
+    total = len(load_manifest(args.manifest, args.data_root, check=False).cases(args.split))
+    with tqdm(total=total, desc="segmenting", unit="case", disable=None) as bar:  # None: only on a terminal
+        return predict_split(
+            model, args.manifest, args.output / "predictions", args.split, args.data_root, lambda case: bar.update()
+        )
 
 
 COMMANDS = {

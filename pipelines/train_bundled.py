@@ -110,26 +110,27 @@ def run_minutes(model_dir: Path) -> float:
 
 
 def evaluate_variant(model_dir: Path, postprocess: str, work: Path) -> dict:
-    """Segment the validation cases with ``model_dir`` (and ``postprocess``), evaluate."""
+    """Segment the validation cases with ``model_dir`` (and ``postprocess``), evaluate
+    (what ``medseg evaluate --model`` does)."""
+    import time
+
     from medseg.data.manifest import load_manifest
+    from medseg.evaluation.predict import predict_split
     from medseg.evaluation.report import evaluate
-    from medseg.inference import make_predictor, segment_scan
     from medseg.model import load_model
 
     model = load_model(model_dir)
     model = replace(model, spec=replace(model.spec, postprocess=postprocess))
-    predictor = make_predictor(model)
     pred_dir = work / f"pred-{postprocess}"
-    seconds = 0.0
-    cases = load_manifest(MANIFEST).cases("validation")
-    for case in cases:
-        seconds += segment_scan(case.image, predictor, pred_dir).seconds
-    result = evaluate(pred_dir, MANIFEST, work / f"report-{postprocess}")
+    start = time.perf_counter()
+    failures = predict_split(model, MANIFEST, pred_dir)
+    seconds = time.perf_counter() - start
+    result = evaluate(pred_dir, MANIFEST, work / f"report-{postprocess}", failures=failures)
     return {
         "postprocess": postprocess,
         "summary": result.summary,
         "problems": result.problems,
-        "seconds_per_case": seconds / len(cases),
+        "seconds_per_case": seconds / len(load_manifest(MANIFEST).cases("validation")),
     }
 
 

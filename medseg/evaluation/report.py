@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,14 +106,22 @@ def evaluate(
     split: str = "validation",
     tolerance_mm: float = 1.0,
     data_root: Path | None = None,
+    failures: Mapping[str, str] | None = None,
 ) -> Evaluation:
-    """Evaluate every case of ``split`` and write the report files into ``out_dir``."""
+    """Evaluate every case of ``split`` and write the report files into ``out_dir``.
+
+    ``failures`` (case id -> reason, from ``predict_split``) names cases whose segmentation
+    failed, so the report gives the reason rather than only a missing prediction.
+    """
     manifest = load_manifest(manifest_path, data_root, check=False)
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     for case in manifest.cases(split):
         if case.label is None:
             problems.append(f"case {case.id}: has no label to compare with")
+            continue
+        if failures and case.id in failures:
+            problems.append(f"case {case.id}: segmentation failed: {failures[case.id]}")
             continue
         case_rows, problem = evaluate_case(case, pred_dir, manifest.labels, tolerance_mm)
         rows += case_rows

@@ -3,9 +3,11 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from helpers import write_msd_dataset
 
 from medseg.cli import main
@@ -55,3 +57,59 @@ def test_unexpected_label_values_are_reported(tmp_path):
     code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--manifest", str(manifest), "-o", str(tmp_path / "r")])
     assert code == 3
     assert "label values [9]" in json.loads((tmp_path / "r" / "summary.json").read_text())["problems"][0]
+
+
+def test_evaluate_with_a_model_segments_the_split_first(tmp_path, tiny_model_dir):
+    write_msd_dataset(tmp_path / "Task99", n_cases=6)
+    manifest = tmp_path / "m.json"
+    build_manifest(tmp_path / "Task99", manifest, val_fraction=0.5, seed=0)
+    images = [(manifest.parent / item["image"]).resolve() for item in json.loads(manifest.read_text())["validation"]]
+    images[1].write_bytes(b"not a nifti")  # this case's segmentation fails
+    out = tmp_path / "report"
+    stale = out / "predictions" / images[1].name  # an earlier run's prediction must not be scored
+    stale.parent.mkdir(parents=True)
+    shutil.copy(images[0], stale)
+
+    code = main(["evaluate", "--model", str(tiny_model_dir), "--manifest", str(manifest), "-o", str(out)])
+    assert code == 3
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == sorted([images[0].name, images[2].name])
+    for image in (images[0], images[2]):
+        pred = nib.load(str(out / "predictions" / image.name))
+        np.testing.assert_allclose(pred.affine, nib.load(str(image)).affine, atol=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    (problem,) = summary["problems"]
+    assert problem.startswith(f"case {images[1].name.split('.')[0]}: segmentation failed: {images[1]}")
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 4  # two cases x two labels
+
+
+@pytest.mark.realdata
+def test_evaluate_with_the_bundled_model_on_real_scans(shared_data, tmp_path):
+    from medseg.bundled import default_model_dir
+
+    full = json.loads(Path("data_manifests/hippocampus.json").read_text())
+    root = shared_data / "hippocampus"
+    manifest = tmp_path / "five.json"
+    manifest.write_text(
+        json.dumps(
+            {
+                "name": full["name"],
+                "labels": full["labels"],
+                "modality": full["modality"],
+                "training": [],
+                "validation": [
+                    {
+                        "image": str(root / "imagesTr" / Path(c["image"]).name),
+                        "label": str(root / "labelsTr" / Path(c["label"]).name),
+                    }
+                    for c in full["validation"][:5]
+                ],
+            }
+        )
+    )
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", str(default_model_dir()), "--manifest", str(manifest), "-o", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == []
+    dice = {k.lower(): v["dice_mean"] for k, v in summary["labels"].items()}
+    assert dice["anterior"] > 0.85 and dice["posterior"] > 0.85, dice
