@@ -230,7 +230,8 @@ def build_ensemble(
         raise ModelError(folder, "an ensemble needs at least two member models", "pass two or more model folders")
     if folder.exists() and not overwrite:
         raise ModelError(folder, "already exists", "choose a new output folder or pass --overwrite")
-    specs = {member: _ensemble_member_spec(source, members) for member, source in members.items()}
+    specs = {member: load_spec(Path(source)) for member, source in members.items()}
+    _check_members(specs, members)
     first = next(iter(specs.values()))
     # The top-level spec carries labels, preset and post-processing; each member its own
     # slice axis, window and context (a member's validation Dice would mislead here).
@@ -280,19 +281,20 @@ def _shared_provenance(specs: list[ModelSpec]) -> dict:
     }
 
 
-def _ensemble_member_spec(source: Path, members: Mapping[str, Path]) -> ModelSpec:
-    """The spec of ``source``, refused when it cannot join the others in ``members``."""
-    spec = load_spec(Path(source))
-    if spec.members:
-        raise ModelError(source, "is itself an ensemble", "pass its member folders instead")
-    first = load_spec(Path(next(iter(members.values()))))
-    if spec.labels != first.labels or spec.preset != first.preset:
-        raise ModelError(
-            Path(source) / SPEC_FILE,
-            f"has other labels or another preset than {Path(next(iter(members.values()))) / SPEC_FILE}",
-            "ensemble members must be trained for the same labels with the same intensity preset",
-        )
-    return spec
+def _check_members(specs: Mapping[str, ModelSpec], members: Mapping[str, Path]) -> None:
+    """Refuse members that cannot be averaged with the first: nested ensembles, other labels
+    or another intensity preset (the error names the member's folder)."""
+    first_name, first = next(iter(specs.items()))
+    for member, spec in specs.items():
+        source = Path(members[member])
+        if spec.members:
+            raise ModelError(source, "is itself an ensemble", "pass its member folders instead")
+        if spec.labels != first.labels or spec.preset != first.preset:
+            raise ModelError(
+                source / SPEC_FILE,
+                f"has other labels or another preset than {Path(members[first_name]) / SPEC_FILE}",
+                "ensemble members must be trained for the same labels with the same intensity preset",
+            )
 
 
 def init_model(folder: Path, spec: ModelSpec, seed: int = 0) -> ModelSpec:
