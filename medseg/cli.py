@@ -146,12 +146,14 @@ def _configure_logging(verbose: bool, quiet: bool = False) -> None:
     logging.getLogger("monai").setLevel(logging.WARNING)
 
 
-class _SliceProgress:
-    """A tqdm bar over slices, created once the slice count is known."""
+class _ProgressBar:
+    """A tqdm bar fed by a ``Progress`` callback (done, total), created once the total is known."""
 
-    def __init__(self, name: str, disabled: bool = False) -> None:
+    def __init__(self, name: str, disabled: bool = False, unit: str = "slice", leave: bool = False) -> None:
         self.name = name
         self.disabled = disabled
+        self.unit = unit
+        self.leave = leave
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
@@ -160,10 +162,10 @@ class _SliceProgress:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=self.name, unit="slice", leave=False)
+            self.bar = tqdm(total=total, desc=self.name, unit=self.unit, leave=self.leave)
         self.bar.update(done - self.bar.n)
 
-    def __enter__(self) -> _SliceProgress:
+    def __enter__(self) -> _ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -241,7 +243,7 @@ def _run_segment(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{record.name[:30]} {record.status} {record.seconds:.1f}s")
             bar.update()
 
-        with _SliceProgress("slices", disabled=args.quiet or total > 1) as slices:
+        with _ProgressBar("slices", disabled=args.quiet or total > 1) as slices:
             report = runner.run(discovery, done, slices)
     if batch.shard[1] > 1:
         merge_shard_reports(args.output, batch.shard[1])
@@ -385,18 +387,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _predict_split(args: argparse.Namespace) -> dict[str, str]:
     """``evaluate --model``: segment the split into OUTPUT/predictions; failures by case id."""
-    from tqdm import tqdm
-
-    from medseg.data.manifest import load_manifest
     from medseg.evaluation.predict import predict_split
     from medseg.model import load_model
 
     model = load_model(args.model)
-    total = len(load_manifest(args.manifest, args.data_root, check=False).cases(args.split))
-    with tqdm(total=total, desc="segmenting", unit="case", disable=None) as bar:  # None: only on a terminal
-        return predict_split(
-            model, args.manifest, args.output / "predictions", args.split, args.data_root, lambda case: bar.update()
-        )
+    with _ProgressBar("segmenting", unit="case", leave=True) as bar:
+        return predict_split(model, args.manifest, args.output / "predictions", args.split, args.data_root, bar)
 
 
 COMMANDS = {

@@ -130,7 +130,7 @@ def evaluate_variant(model_dir: Path, postprocess: str, work: Path) -> dict:
         "postprocess": postprocess,
         "summary": result.summary,
         "problems": result.problems,
-        "seconds_per_case": seconds / len(load_manifest(MANIFEST).cases("validation")),
+        "seconds_per_case": seconds / len(load_manifest(MANIFEST, check=False).cases("validation")),
     }
 
 
@@ -164,14 +164,6 @@ def rows(result: dict) -> list[str]:
             f"{result['training_minutes']} |"
         )
     return out
-
-
-def build_ensemble(members: dict[str, Path], folder: Path, postprocess: str) -> Path:
-    """An ensemble model folder of ``members`` (name -> model folder), replacing ``folder``."""
-    from medseg.model import build_ensemble as write_ensemble
-
-    write_ensemble(members, folder, postprocess, overwrite=True)
-    return folder
 
 
 def model_card(shipped: dict, results: list[dict], same_time_note: str) -> str:
@@ -264,15 +256,15 @@ def same_time_note(results: dict[str, dict]) -> str:
 
 def install(result: dict, members: dict[str, Path]) -> None:
     """Copy the chosen model (one folder, or the ensemble of ``members``) to TARGET as float16."""
-    from medseg.model import load_spec, store_half
+    from medseg.model import build_ensemble, load_spec, store_half
 
-    if TARGET.exists():
-        shutil.rmtree(TARGET)
     if len(members) > 1:
-        build_ensemble(members, TARGET, result["postprocess"])
+        build_ensemble(members, TARGET, result["postprocess"], half=True, overwrite=True)
     else:
+        if TARGET.exists():
+            shutil.rmtree(TARGET)
         shutil.copytree(next(iter(members.values())), TARGET)
-    store_half(TARGET)
+        store_half(TARGET)
     spec = load_spec(TARGET)
     a, p = dice_of(result)
     provenance = {
@@ -312,8 +304,11 @@ def main() -> int:
     candidates = [(results[FIRST.name], {FIRST.name: model_dirs[FIRST.name]})]
     comparisons = {run.name: results.pop(run.name) for run in runs if run in COMPARISONS}
     if args.ensemble:
+        from medseg.model import build_ensemble
+
         members = {run.name: model_dirs[run.name] for run in MEMBERS}
-        folder = build_ensemble(members, args.runs / "hippocampus-ensemble", "none")
+        folder = args.runs / "hippocampus-ensemble"
+        build_ensemble(members, folder, overwrite=True)
         minutes = round(sum(results[name]["training_minutes"] for name in members), 1)
         description = "ensemble of the " + ", ".join(run.name for run in MEMBERS) + " networks"
         results["ensemble"] = best_variant(folder, args.runs / "hippocampus-ensemble-eval", description, minutes)

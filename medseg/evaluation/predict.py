@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
-from medseg.data.manifest import Case, load_manifest
+from medseg.data.manifest import load_manifest
 from medseg.errors import MedsegError
 from medseg.evaluation.report import prediction_path
 from medseg.inference import make_predictor, segment_scan
+from medseg.inference.predictor import Progress
 from medseg.model import Model
 
 logger = logging.getLogger(__name__)
@@ -22,10 +22,10 @@ def predict_split(
     pred_dir: Path,
     split: str = "validation",
     data_root: Path | None = None,
-    on_case: Callable[[Case], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, str]:
     """Segment every image of ``split`` with ``model`` into ``pred_dir``, named as
-    ``medseg segment`` names them; ``on_case`` is called after each case.
+    ``medseg segment`` names them; ``progress(done, total)`` is called after each case.
 
     Returns case id -> why its segmentation failed; the other cases are written. A case's
     earlier prediction in ``pred_dir`` is removed first, so a failure never leaves a stale
@@ -34,13 +34,14 @@ def predict_split(
     manifest = load_manifest(manifest_path, data_root, check=False)
     predictor = make_predictor(model)
     failures: dict[str, str] = {}
-    for case in manifest.cases(split):
+    cases = manifest.cases(split)
+    for done, case in enumerate(cases, start=1):
         prediction_path(case, pred_dir).unlink(missing_ok=True)
         try:
             segment_scan(case.image, predictor, pred_dir)
         except MedsegError as err:
             failures[case.id] = str(err)
             logger.warning("case %s: segmentation failed: %s", case.id, err)
-        if on_case is not None:
-            on_case(case)
+        if progress is not None:
+            progress(done, len(cases))
     return failures

@@ -137,7 +137,9 @@ def _train(
     validator = _Validator(manifest.cases("validation"), spec) if ctx.is_main else None
     writer = tensorboard_writer(run_dir) if ctx.is_main else None
     epoch = state.next_epoch - 1
-    seconds = state.elapsed_before  # training time at the last checkpoint: what the run reports
+    # Training time at the last checkpoint is what the run reports, so reloading a finished
+    # run (no epoch left) trains nothing and adds no time to it.
+    seconds = state.elapsed_before
     for epoch in range(state.next_epoch, config.epochs):
         row = _train_epoch(opt, bank, config, epoch, ctx, show_progress)
         last = epoch + 1 == config.epochs
@@ -157,7 +159,6 @@ def _train(
         if distributed.broadcast_flag(ctx, out_of_time):
             logger.info("time limit of %s min reached after epoch %d", config.time_limit_minutes, epoch + 1)
             break
-    # Reloading a finished run trains nothing and adds no time to it.
     return _finish(run_dir, opt.module, state, epoch + 1, seconds, ctx, writer)
 
 
