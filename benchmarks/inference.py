@@ -30,7 +30,7 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-from medseg.inference import SlicePredictor, segment_scan  # noqa: E402
+import medseg  # noqa: E402
 from medseg.io.volume import Geometry  # noqa: E402
 from medseg.io.writers import write_nifti_labels  # noqa: E402
 from medseg.model import load_model, save_model  # noqa: E402
@@ -172,8 +172,9 @@ def main() -> None:
         weights = {k: v.clone() for k, v in net.state_dict().items()}
 
         def run_medseg(folder: str) -> Path:
-            predictor = SlicePredictor(load_model(tmp / folder))
-            return segment_scan(scan, predictor, tmp / f"out_{folder}").output
+            out = tmp / f"out_{folder}"
+            report = medseg.segment(scan, out, load_model(tmp / folder), formats="nifti", overwrite=True)
+            return Path(report.records[0].outputs["nifti"])
 
         runs = {
             "medseg (512 window, whole slices)": lambda: run_medseg("model512"),

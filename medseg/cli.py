@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
 
 
 def _positive_int(text: str) -> int:
@@ -32,7 +34,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _pair(kind: type) -> callable:
+def _pair(kind: type) -> Callable[[str], tuple]:
     def parse(text: str) -> tuple:
         parts = [p for p in text.replace("x", ",").split(",") if p]
         if len(parts) == 1:
@@ -44,157 +46,252 @@ def _pair(kind: type) -> callable:
     return parse
 
 
+def _shard_arg(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must look like 0/4 (this shard / number of shards), got {text!r}") from err
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"must be I/N with 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type running a library check on the raw text (its ValueError -> exit 2)."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+        return text
+
+    return parse
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to each option's help, except where the default is None or a
+    switch's False (their help says what happens without them)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or isinstance(action, argparse._HelpAction):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from medseg import __version__
+    from medseg.data.manifest import SPLITS
+    from medseg.inference.options import PRECISIONS, check_device
+    from medseg.inference.postprocess import POSTPROCESS
+    from medseg.io.dicom_seg import SEG_TYPES
+    from medseg.io.formats import DEFAULT_FORMATS, FORMATS, parse_formats
+    from medseg.io.writers import PROBABILITY_ENCODINGS
     from medseg.spec import SLICE_AXES
+    from medseg.transforms.presets import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="medseg",
         description="2D U-Net segmentation of medical volumes, written back on each scan's grid.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"medseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (also from libraries)")
     sub = parser.add_subparsers(dest="command", required=True)
+    formatter = _DefaultsHelp
 
     seg = sub.add_parser(
-        "segment", help="segment scans: NIfTI/NRRD/MHA files and DICOM series, or every scan in folder trees"
+        "segment",
+        help="segment scans: NIfTI/NRRD/MHA files and DICOM series, or every scan in folder trees",
+        formatter_class=formatter,
     )
     seg.add_argument("inputs", type=Path, nargs="+", help="scan files, DICOM series folders or folders of scans")
     seg.add_argument("-o", "--output", type=Path, help="output folder (required unless --list)")
     seg.add_argument("--list", action="store_true", help="print what would be segmented, load no model")
-    seg.add_argument("--formats", default="nifti,seg.nrrd", help="comma-separated: nifti, seg.nrrd, dicom-seg, qc")
-    seg.add_argument("--dicom-seg-type", choices=("binary", "labelmap"), default="binary", help="DICOM SEG encoding")
+    format_help = "; ".join(f"{name}: {fmt.help}" for name, fmt in FORMATS.items())
+    seg.add_argument(
+        "--formats",
+        type=_checked(parse_formats),
+        default=",".join(DEFAULT_FORMATS),
+        help=f"comma-separated output formats ({format_help})",
+    )
+    seg.add_argument("--dicom-seg-type", choices=SEG_TYPES, default="binary", help="DICOM SEG encoding")
     seg.add_argument(
         "--probabilities",
-        choices=("uint8", "float32"),
+        choices=PROBABILITY_ENCODINGS,
         help="also write one probability map per label (uint8: scaled 0-255 with a NIfTI slope)",
     )
     seg.add_argument("--overwrite", action="store_true", help="redo scans finished by an earlier run")
-    seg.add_argument("--shard", default=None, help="I/N: segment every N-th scan from the I-th (0-based)")
-    seg.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
-    seg.add_argument("--model", type=Path, help="model folder (default: the bundled hippocampus-mr model)")
-    seg.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     seg.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=None,
-        help="slices per network call (default: by size)",
+        "--shard", type=_shard_arg, help="I/N: segment every N-th scan from the I-th (0-based); torchrun sets it"
     )
-    seg.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    seg.add_argument("--series-uid", help="which series to segment when a DICOM folder holds several")
+    seg.add_argument("--quiet", action="store_true", help="no progress bars or per-scan lines; warnings and errors")
+    seg.add_argument("--model", type=Path, help="model folder (default: the bundled hippocampus-mr model)")
+    seg.add_argument(
+        "--device", type=_checked(check_device), default="auto", help="auto (CUDA when present), cpu, cuda[:N]"
+    )
+    seg.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="slices per network call (default: by slice size)"
+    )
+    seg.add_argument("--precision", choices=PRECISIONS, default="fp32", help="network arithmetic (autocast)")
+    seg.add_argument("--series-uid", help="segment only this DICOM series (UIDs: see --list)")
 
-    init = sub.add_parser("init-model", help="write an untrained model folder")
+    init = sub.add_parser("init-model", help="write an untrained model folder", formatter_class=formatter)
     init.add_argument("-o", "--output", type=Path, required=True, help="model folder to create")
     init.add_argument("--labels", required=True, help="comma-separated names, background first")
-    init.add_argument("--preset", default="mr", help="intensity preset (mr, ct_abdomen, ct_lung, ...)")
-    init.add_argument("--base-channels", type=_positive_int, default=64)
-    init.add_argument("--depth", type=_positive_int, default=4)
-    init.add_argument("--in-channels", type=_positive_int, default=1)
-    init.add_argument("--slice-axis", choices=SLICE_AXES, default="axial")
+    init.add_argument("--preset", choices=sorted(PRESETS), default="mr", help="intensity preset")
+    init.add_argument("--base-channels", type=_positive_int, default=64, help="channels of the first level")
+    init.add_argument("--depth", type=_positive_int, default=4, help="down/up levels")
+    init.add_argument("--in-channels", type=_positive_int, default=1, help="channels of each scan")
+    init.add_argument("--slice-axis", choices=SLICE_AXES, default="axial", help="plane the network sees")
     init.add_argument("--spacing", type=_pair(float), default=None, help="target in-plane mm, e.g. 1.0,1.0")
     init.add_argument("--window", type=_pair(int), default=(512, 512), help="largest whole slice, e.g. 256,256")
-    init.add_argument("--name", default="medseg-model")
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--name", default="medseg-model", help="the model's name (model.json)")
+    init.add_argument("--seed", type=int, default=0, help="initialisation seed")
 
-    ens = sub.add_parser("ensemble", help="combine trained model folders into one (probabilities averaged)")
+    ens = sub.add_parser(
+        "ensemble", help="combine trained model folders into one (probabilities averaged)", formatter_class=formatter
+    )
     ens.add_argument("models", type=Path, nargs="+", help="two or more model folders (e.g. RUN/model)")
     ens.add_argument("-o", "--output", type=Path, required=True, help="ensemble model folder to create")
     ens.add_argument("--names", help="comma-separated member names (default: each run folder's name)")
-    ens.add_argument("--postprocess", choices=("none", "largest_component"), default="none")
+    ens.add_argument("--postprocess", choices=POSTPROCESS, default="none", help="label-map clean-up after averaging")
     ens.add_argument("--name", help="the ensemble's model name (default: the first member's)")
     ens.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     ens.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    info = sub.add_parser("info", help="describe a model folder, or list the bundled models")
+    info = sub.add_parser("info", help="describe a model folder, or list the bundled models", formatter_class=formatter)
     info.add_argument("model", type=Path, nargs="?", help="model folder (default: all bundled)")
 
-    man = sub.add_parser("manifest", help="build a dataset manifest (MONAI datalist JSON)")
+    man = sub.add_parser("manifest", help="build a dataset manifest (MONAI datalist JSON)", formatter_class=formatter)
     man.add_argument("data_dir", type=Path, help="MSD folder (dataset.json) or images/ + labels/")
     man.add_argument("-o", "--output", type=Path, required=True, help="manifest JSON to write")
-    man.add_argument("--val-fraction", type=float, default=0.2)
-    man.add_argument("--seed", type=int, default=0)
+    man.add_argument("--val-fraction", type=float, default=0.2, help="share of cases for validation")
+    man.add_argument("--seed", type=int, default=0, help="seed of the case shuffle")
 
-    tr = sub.add_parser("train", help="train a model folder from a manifest")
-    tr.add_argument("--manifest", type=Path, required=True)
+    tr = sub.add_parser("train", help="train a model folder from a manifest", formatter_class=formatter)
+    tr.add_argument("--manifest", type=Path, required=True, help="dataset manifest (medseg manifest)")
     tr.add_argument("-o", "--output", type=Path, required=True, help="run folder")
-    tr.add_argument("--config", type=Path, help="JSON or YAML training configuration")
+    tr.add_argument("--config", type=Path, help="JSON or YAML training configuration (default: built-in)")
     tr.add_argument("--data-root", type=Path, help="resolve manifest paths against this folder")
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     tr.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes (CPU: gloo)")
 
-    ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and surface Dice of predictions")
+    ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and surface Dice of predictions", formatter_class=formatter)
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--pred", type=Path, help="folder of predictions (medseg segment output)")
     source.add_argument(
         "--model", type=Path, help="segment the split with this model folder first (into OUTPUT/predictions)"
     )
-    ev.add_argument("--manifest", type=Path, required=True)
-    ev.add_argument("--split", default="validation", choices=("training", "validation", "test"))
+    ev.add_argument("--manifest", type=Path, required=True, help="dataset manifest with the labels")
+    ev.add_argument("--split", default="validation", choices=SPLITS, help="which cases")
     ev.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     ev.add_argument("--tolerance-mm", type=float, default=1.0, help="surface Dice tolerance")
-    ev.add_argument("--data-root", type=Path)
+    ev.add_argument("--data-root", type=Path, help="resolve manifest paths against this folder")
     return parser
 
 
+# Libraries whose INFO/DEBUG chatter users cannot act on: shown only with -v.
+_QUIET_LIBRARIES = ("highdicom", "pydicom", "pylibjpeg", "matplotlib", "PIL", "monai", "nibabel", "urllib3")
+
+
+class _BarSafeHandler(logging.Handler):
+    """Writes log lines to stderr through tqdm, so they never tear a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _say(self.format(record), error=True)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
+
+
 def _configure_logging(verbose: bool, quiet: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
-        stream=sys.stderr,
-    )
-    # Third-party chatter users cannot act on.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
-    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-    logging.getLogger("monai").setLevel(logging.WARNING)
+    """medseg's messages at INFO (WARNING with --quiet, DEBUG with -v); other libraries'
+    at WARNING, or INFO with -v (their DEBUG floods never)."""
+    handler = _BarSafeHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    root = logging.getLogger()
+    # Replace our own handler from an earlier main() in this process; leave others alone.
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _BarSafeHandler)] + [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    for name in _QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+        warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
 
 class _ProgressBar:
-    """A tqdm bar fed by a ``Progress`` callback (done, total), created once the total is known."""
+    """A tqdm bar fed with (done, total): created on the first call, reset when the total
+    changes (a new scan), and shown complete when done reaches the total."""
 
-    def __init__(self, name: str, disabled: bool = False, unit: str = "slice", leave: bool = False) -> None:
-        self.name = name
-        self.disabled = disabled
-        self.unit = unit
-        self.leave = leave
+    def __init__(self, name: str, unit: str, position: int = 0, leave: bool = False) -> None:
+        self.name, self.unit, self.position, self.leave = name, unit, position, leave
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
-        if self.disabled:
-            return
+        from tqdm import tqdm
+
         if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.name, unit=self.unit, leave=self.leave)
+            self.bar = tqdm(total=total, desc=self.name, unit=self.unit, position=self.position, leave=self.leave)
+        elif self.bar.total != total or done < self.bar.n:
+            self.bar.reset(total=total)
         self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.refresh()  # the last update may fall inside tqdm's redraw interval
 
-    def __enter__(self) -> _ProgressBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _shard(args: argparse.Namespace) -> tuple[int, int]:
-    """--shard I/N, or torchrun's RANK/WORLD_SIZE, or the whole set."""
-    import os
+def _say(line: str, error: bool = False) -> None:
+    """A line for the user that does not break the progress bars."""
+    from tqdm import tqdm
 
-    if args.shard:
-        try:
-            index, count = (int(v) for v in args.shard.split("/"))
-        except ValueError as err:
-            raise ValueError(f"--shard must look like 0/4, got {args.shard!r}") from err
-        return index, count
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    tqdm.write(line, file=sys.stderr if error else sys.stdout)
 
 
-def _rank_device(device: str) -> str:
-    """Under torchrun each rank takes its own GPU (cuda:LOCAL_RANK) when the device is auto."""
-    import os
+def _progress(quiet: bool, lines: bool = True):
+    """The command line's RunProgress: scan bar, slice bar, one line per scan."""
+    from medseg.batch.progress import RunProgress
 
-    import torch
+    class CliProgress(RunProgress):
+        def __init__(self) -> None:
+            self.scans = _ProgressBar("scans", "scan", leave=True)
+            self.slices = _ProgressBar("slices", "slice")
+            self.total = 0
 
-    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-    return device
+        def run_started(self, scans: int) -> None:
+            self.total = scans
+            if not quiet and scans > 1:
+                self.scans(0, scans)
+                self.slices.position = 1  # under the scan bar
+
+        def slices_done(self, done: int, total: int) -> None:
+            if not quiet:
+                self.slices(done, total)
+
+        def scan_done(self, record) -> None:
+            if record.status == "failed":
+                logger.error(
+                    "FAILED  %s at %s: %s\n        fix: %s", record.name, record.stage, record.error, record.hint
+                )
+            elif lines and not quiet:
+                first = next(iter(record.outputs.values()), "")
+                done = "done before" if record.status == "skipped" else f"{record.seconds:.1f} s"
+                _say(f"{record.status:7s} {record.name} -> {first} ({done})")
+                for warning in record.warnings:
+                    _say(f"        warning: {warning}", error=True)
+            if not quiet and self.total > 1:
+                self.scans.bar.update()
+
+        def close(self) -> None:
+            self.slices.close()
+            self.scans.close()
+
+    return CliProgress()
 
 
 def _run_list(discovery) -> int:
@@ -204,78 +301,68 @@ def _run_list(discovery) -> int:
         size, spacing = header_info(scan)
         size_text = "x".join(map(str, size)) or "?"
         spacing_text = "x".join(f"{s:.3g}" for s in spacing) or "?"
-        print(f"{scan.kind:6s} {size_text:>14s} @ {spacing_text:>16s} mm  {scan.name}  {scan.description}")
+        line = f"{scan.kind:6s} {size_text:>14s} @ {spacing_text:>16s} mm  {scan.name}  {scan.description}"
+        if scan.series is not None:
+            uid = scan.series.uid
+            line += "  uid=" + ("(empty SeriesInstanceUID)" if uid.startswith("geometry:") else uid)
+        print(line)
     print(f"{len(discovery.scans)} scan(s); {len(discovery.skipped)} other file(s) skipped")
+    for skipped in discovery.skipped:
+        print(f"  skipped {skipped.path}: {skipped.reason}")
     return EXIT_OK
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from medseg.io.discover import discover_all
-
-    discovery = discover_all(list(args.inputs), args.series_uid)
     if args.list:
-        return _run_list(discovery)
-    if not discovery.scans:
-        skipped = "; ".join(f"{s.path}: {s.reason}" for s in discovery.skipped[:10])
-        logger.error(
-            "error: no scan found in %s%s", ", ".join(map(str, args.inputs)), f" ({skipped})" if skipped else ""
+        from medseg.io.discover import discover_all
+
+        return _run_list(discover_all(list(args.inputs), args.series_uid))
+    from medseg.batch.run import segment, torchrun_device, torchrun_shard
+
+    shard = args.shard or torchrun_shard()
+    progress = _progress(args.quiet)
+    try:
+        report = segment(
+            args.inputs,
+            args.output,
+            args.model,
+            formats=args.formats,
+            overwrite=args.overwrite,
+            shard=shard,
+            progress=progress,
+            series_uid=args.series_uid,
+            device=torchrun_device(args.device),
+            batch_size=args.batch_size,
+            precision=args.precision,
+            dicom_seg_type=args.dicom_seg_type,
+            probabilities=args.probabilities,
         )
-        return EXIT_USAGE
-    if args.output is None:
-        raise ValueError("segment needs -o/--output (or --list)")
-    from tqdm import tqdm
-
-    from medseg.batch.merge import merge_shard_reports
-    from medseg.batch.runner import BatchOptions, BatchRunner
-    from medseg.bundled import default_model_dir
-    from medseg.inference import InferenceOptions, make_predictor
-    from medseg.model import load_model
-
-    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    batch = BatchOptions(formats, args.overwrite, _shard(args), args.dicom_seg_type, args.probabilities)
-    options = InferenceOptions(device=_rank_device(args.device), batch_size=args.batch_size, precision=args.precision)
-    model = load_model(args.model or default_model_dir())  # loaded once for all scans
-    runner = BatchRunner(make_predictor(model, options), args.output, batch, model.sha256)
-    total = len(discovery.scans[batch.shard[0] :: batch.shard[1]])
-    with tqdm(total=total, unit="scan", disable=args.quiet or total < 2) as bar:
-
-        def done(record) -> None:
-            bar.set_postfix_str(f"{record.name[:30]} {record.status} {record.seconds:.1f}s")
-            bar.update()
-
-        with _ProgressBar("slices", disabled=args.quiet or total > 1) as slices:
-            report = runner.run(discovery, done, slices)
-    if batch.shard[1] > 1:
-        merge_shard_reports(args.output, batch.shard[1])
-    for record in report.records:
-        if record.status == "failed":
-            logger.error("FAILED %s at %s: %s (%s)", record.input, record.stage, record.error, record.hint)
-        elif not args.quiet:
-            print(f"{record.status:7s} {record.outputs.get('nifti', '')}  ({record.seconds:.1f} s)")
-    if not args.quiet:
-        print(f"report: {args.output / runner.report_name}")
+    finally:
+        progress.close()
+    where = f"report: {report.path}"
+    if shard is not None and report.path is not None and report.path.name != "medseg-run.json":
+        where += f" (merged into medseg-run.json when all {shard[1]} shards have finished)"
+    if report.failed:
+        logger.error("%s; %s", report.summary_line(), where)
+    elif not args.quiet:
+        _say(f"{report.summary_line()}; {where}")
     return EXIT_SOME_FAILED if report.failed else EXIT_OK
 
 
 def _run_init_model(args: argparse.Namespace) -> int:
     from medseg.model import init_model
-    from medseg.spec import ModelSpec, NetworkSpec, labels_from_names
+    from medseg.spec import ModelLayout, labels_from_names
 
     names = [n for n in args.labels.split(",") if n.strip()]
-    spec = ModelSpec(
-        labels=labels_from_names(names),
-        network=NetworkSpec(
-            in_channels=args.in_channels,
-            out_channels=len(names),
-            base_channels=args.base_channels,
-            depth=args.depth,
-        ),
+    layout = ModelLayout(
+        base_channels=args.base_channels,
+        depth=args.depth,
         preset=args.preset,
         slice_axis=args.slice_axis,
         spacing=args.spacing,
-        window=args.window,
-        name=args.name,
+        window=tuple(args.window),
     )
+    spec = layout.to_spec(labels_from_names(names), image_channels=args.in_channels, name=args.name)
     init_model(args.output, spec, seed=args.seed)
     print(f"wrote untrained model {args.output} ({len(names)} labels: {', '.join(names)})")
     return EXIT_OK
@@ -376,23 +463,20 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from medseg.evaluation.report import evaluate
 
-    pred, failures = args.pred, None
+    pred = args.pred
     if args.model is not None:
-        pred, failures = args.output / "predictions", _predict_split(args)
-    result = evaluate(pred, args.manifest, args.output, args.split, args.tolerance_mm, args.data_root, failures)
+        from medseg.evaluation.predict import predict_split
+
+        pred = args.output / "predictions"
+        progress = _progress(quiet=False, lines=False)
+        try:
+            predict_split(args.model, args.manifest, pred, args.split, args.data_root, progress)
+        finally:
+            progress.close()
+    result = evaluate(pred, args.manifest, args.output, args.split, args.tolerance_mm, args.data_root)
     print((args.output / "summary.md").read_text())
     print(f"report in {args.output}")
     return EXIT_OK if not result.problems else EXIT_SOME_FAILED
-
-
-def _predict_split(args: argparse.Namespace) -> dict[str, str]:
-    """``evaluate --model``: segment the split into OUTPUT/predictions; failures by case id."""
-    from medseg.evaluation.predict import predict_split
-    from medseg.model import load_model
-
-    model = load_model(args.model)
-    with _ProgressBar("segmenting", unit="case", leave=True) as bar:
-        return predict_split(model, args.manifest, args.output / "predictions", args.split, args.data_root, bar)
 
 
 COMMANDS = {
@@ -407,17 +491,24 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "segment" and not args.list and args.output is None:
+        parser.error("segment needs -o/--output (or --list)")  # exit 2, before any discovery
     _configure_logging(args.verbose, getattr(args, "quiet", False))
     from medseg.errors import MedsegError
 
     try:
         return COMMANDS[args.command](args)
-    except MedsegError as err:
+    except (MedsegError, ValueError) as err:  # bad input, model or option: the message says which
         logger.error("error: %s", err)
         return EXIT_USAGE
-    except ValueError as err:  # invalid option values caught by the library's checks
-        logger.error("error: %s", err)
+    except KeyboardInterrupt:
+        logger.error("interrupted: what finished is written and in the run report; run the same command to go on")
+        return EXIT_INTERRUPTED
+    except OSError as err:  # full disk, read-only or vanished folder: the user's to fix
+        where = f" ({err.filename})" if err.filename else ""
+        logger.error("error: %s%s: check free space and permissions of the output folder", err.strerror or err, where)
         return EXIT_USAGE
 
 

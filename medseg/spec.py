@@ -158,6 +158,46 @@ class ModelSpec:
             raise ConfigError(f"{path}: not a valid model.json ({type(err).__name__}: {err})") from err
 
 
+@dataclass(frozen=True)
+class ModelLayout:
+    """A model's shape and how it slices scans, before its labels and scan channels are known.
+
+    What ``medseg init-model``'s options and a training configuration both describe (the
+    defaults are init-model's); ``to_spec`` is the one place it becomes a ModelSpec, so the
+    two cannot map it differently. Field meanings are ModelSpec's and NetworkSpec's.
+    """
+
+    network: str = "ArticleUNet"
+    base_channels: int = 64
+    depth: int = 4
+    preset: str = "mr"
+    slice_axis: str = "axial"
+    spacing: tuple[float, float] | None = None
+    window: tuple[int, int] = (512, 512)
+    context_slices: int = 0
+
+    def to_spec(self, labels: tuple[LabelSpec, ...], image_channels: int = 1, name: str = "medseg-model") -> ModelSpec:
+        """The ModelSpec of this layout for ``labels`` (one output channel each) and scans of
+        ``image_channels`` channels: the network sees each slice with its ``context_slices``
+        neighbours on either side, so ``image_channels * (2 * context_slices + 1)`` inputs.
+        ModelSpec checks the result (window multiple of 2**depth, preset, slice axis...)."""
+        if image_channels < 1:
+            raise ConfigError(f"image_channels must be >= 1, got {image_channels}")
+        if self.context_slices < 0:
+            raise ConfigError(f"context_slices must be >= 0, got {self.context_slices}")
+        in_channels = image_channels * (2 * self.context_slices + 1)
+        return ModelSpec(
+            labels=tuple(labels),
+            network=NetworkSpec(self.network, in_channels, len(labels), self.base_channels, self.depth),
+            preset=self.preset,
+            slice_axis=self.slice_axis,
+            spacing=self.spacing,
+            window=self.window,
+            context_slices=self.context_slices,
+            name=name,
+        )
+
+
 def reject_unknown_keys(cls: type, data: dict[str, Any], where: str) -> None:
     """ConfigError naming every key of ``data`` that is not a field of dataclass ``cls``."""
     known = {f.name for f in dataclasses.fields(cls)}

@@ -40,50 +40,64 @@ def example_scans() -> list[tuple[Path, Path | None]]:
     return [(p, folder / "labelsTr" / p.name) for p in images]
 
 
+class _Bar:
+    """Progress for the demo: a scan bar (medseg.RunProgress callbacks)."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc="segmenting", unit="scan")
+
+    def run_started(self, scans: int) -> None:
+        self.bar.reset(total=scans)
+
+    def slices_done(self, done: int, total: int) -> None:
+        pass
+
+    def scan_done(self, record) -> None:
+        self.bar.update()
+
+
 def main() -> int:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("monai").setLevel(logging.ERROR)
+    logging.getLogger("highdicom").setLevel(logging.ERROR)
     import numpy as np
-    from tqdm import tqdm
 
-    from medseg.bundled import default_model_dir
+    import medseg
     from medseg.errors import MedsegError
     from medseg.evaluation.metrics import dice
-    from medseg.inference import make_predictor, segment_scan
-    from medseg.io.readers import read_scan
-    from medseg.model import load_model
 
     try:
         pairs = example_scans()
     except MedsegError as err:
         print(f"cannot get example scans: {err}")
         return 2
-    model = load_model(default_model_dir())
-    trained = model.spec.provenance.get("trained", False)
-    print(f"model: {model.folder} ({model.spec.name}, {'trained' if trained else 'UNTRAINED'})")
-    predictor = make_predictor(model)
+    labels = dict(pairs)
     out_dir = WORK / "output"
-    failures = 0
-    lines = []
-    for scan, label in tqdm(pairs, desc="segmenting", unit="scan"):
-        try:
-            result = segment_scan(scan, predictor, out_dir)
-        except MedsegError as err:
-            failures += 1
-            tqdm.write(f"FAILED {err}")
+    # The main job in one call: discovery, the bundled model, outputs, resume and run report.
+    bar = _Bar()
+    report = medseg.segment([scan for scan, _ in pairs], out_dir, progress=bar)
+    bar.bar.close()
+    model = report.settings["model"]
+    print(f"model: {model} (bundled default)")
+    label_table = medseg.load_model(model).spec.labels[1:]
+    for record in report.records:
+        if record.status == "failed":
+            print(f"FAILED {record.input}: {record.error} ({record.hint})")
             continue
-        g = result.geometry
-        line = f"{result.output}  <- {scan}  {'x'.join(map(str, g.shape))}  {result.seconds:.2f} s"
+        line = f"{record.outputs['nifti']}  <- {record.input}  {'x'.join(map(str, record.shape))}"
+        line += f"  {record.seconds:.2f} s" if record.status == "ok" else "  (done before)"
+        label = labels.get(Path(record.input))
         if label is not None:
-            pred = np.rint(read_scan(result.output).array[0]).astype(int)
-            ref = np.rint(read_scan(label).array[0]).astype(int)
-            scores = [f"{lab.name} {dice(pred, ref, lab.value):.3f}" for lab in model.spec.labels[1:]]
-            line += "  Dice " + ", ".join(scores)
-        lines.append(line)
-    print("\n".join(lines))
-    print(f"{len(lines)} scan(s) segmented into {out_dir}, {failures} failed")
-    return 0 if failures == 0 else 3
+            pred = np.rint(medseg.read_scan(record.outputs["nifti"]).array[0]).astype(int)
+            ref = np.rint(medseg.read_scan(label).array[0]).astype(int)
+            line += "  Dice " + ", ".join(f"{lab.name} {dice(pred, ref, lab.value):.3f}" for lab in label_table)
+        print(line)
+    print(report.summary_line())
+    print(f"outputs and run report ({report.path.name}) in {out_dir}")
+    return 3 if report.failed else 0
 
 
 if __name__ == "__main__":

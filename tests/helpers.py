@@ -199,3 +199,13 @@ def write_msd_dataset(root: Path, n_cases: int = 6, shape=(20, 24, 16), seed: in
     }
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
+
+
+def segment_one(path, model, out_dir, **options) -> Path:
+    """``medseg.segment`` on the one scan at ``path`` (NIfTI output only): its label map."""
+    from medseg import segment
+
+    report = segment(path, out_dir, model, formats="nifti", **options)
+    (record,) = report.records
+    assert record.status in ("ok", "skipped"), f"{record.error} ({record.hint})"
+    return Path(record.outputs["nifti"])

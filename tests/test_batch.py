@@ -10,9 +10,8 @@ import pytest
 import slicerio
 from helpers import make_geometry, phantom, rotation, write_dicom_series, write_itk, write_nifti
 
-from medseg.batch.runner import BatchOptions, run_folder
-from medseg.inference import make_predictor
-from medseg.io.readers import read_scan
+from medseg import segment
+from medseg.io import read_scan
 from medseg.model import load_model
 
 PIR = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
@@ -52,7 +51,7 @@ def folder(tmp_path):
 def test_batch_survives_bad_scans_and_resumes(folder, tmp_path, tiny_model_dir):
     model = load_model(tiny_model_dir)
     out = tmp_path / "out"
-    report = run_folder(folder, make_predictor(model), out, model_hash=model.sha256)
+    report = segment(folder, out, model)
     by_name = {r.name: r for r in report.records}
     ok = sorted(n for n, r in by_name.items() if r.status == "ok")
     failed = {n: r for n, r in by_name.items() if r.status == "failed"}
@@ -83,11 +82,11 @@ def test_batch_survives_bad_scans_and_resumes(folder, tmp_path, tiny_model_dir):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
-    again = run_folder(folder, make_predictor(model), out, model_hash=model.sha256)
+    again = segment(folder, out, model)
     assert sorted(r.name for r in again.records if r.status == "skipped") == ok
     assert {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")} == mtimes
 
-    redo = run_folder(folder, make_predictor(model), out, BatchOptions(overwrite=True), model.sha256)
+    redo = segment(folder, out, model, overwrite=True)
     assert sorted(r.name for r in redo.records if r.status == "ok") == ok
 
 
@@ -95,10 +94,10 @@ def test_changed_input_is_redone(folder, tmp_path, tiny_model_dir):
     model = load_model(tiny_model_dir)
     out = tmp_path / "out"
     shutil.rmtree(folder / "bad")
-    run_folder(folder, make_predictor(model), out, model_hash=model.sha256)
+    segment(folder, out, model)
     g = make_geometry((20, 24, 9), (0.9, 0.8, 2.5))
     write_itk(folder / "sub-02.nrrd", phantom(g.shape, seed=5), g)
-    again = {r.name: r.status for r in run_folder(folder, make_predictor(model), out, model_hash=model.sha256).records}
+    again = {r.name: r.status for r in segment(folder, out, model).records}
     assert again["sub-02"] == "ok" and again["sub-01__t1"] == "skipped"
     assert nib.load(str(out / "sub-02.nii.gz")).shape == g.shape
 
@@ -108,15 +107,16 @@ def test_dicom_seg_output_for_dicom_inputs_only(folder, tmp_path, tiny_model_dir
 
     model = load_model(tiny_model_dir)
     shutil.rmtree(folder / "bad")
-    options = BatchOptions(formats=("nifti", "dicom-seg"))
-    report = run_folder(folder, make_predictor(model), tmp_path / "out", options, model.sha256)
+    report = segment(folder, tmp_path / "out", model, formats=("nifti", "dicom-seg"))
     dicom_records = [r for r in report.records if r.kind == "dicom"]
     assert len(dicom_records) == 2
     for record in dicom_records:
         seg = hd.seg.segread(record.outputs["dicom-seg"])
         assert seg.SegmentationType == "BINARY" and seg.NumberOfFrames > 0
     nifti_record = next(r for r in report.records if r.kind == "nifti")
-    assert "dicom-seg" not in nifti_record.outputs and "not DICOM" in nifti_record.warnings[0]
+    assert "dicom-seg" not in nifti_record.outputs and not nifti_record.warnings
+    # Said once for the run, not once per scan.
+    assert report.notes == ["dicom-seg: written for DICOM inputs only; 5 of 7 scan(s) are not DICOM"]
 
 
 def test_write_failure_is_recorded_and_others_continue(folder, tmp_path, tiny_model_dir):
@@ -124,7 +124,7 @@ def test_write_failure_is_recorded_and_others_continue(folder, tmp_path, tiny_mo
     shutil.rmtree(folder / "bad")
     out = tmp_path / "out"
     (out / "sub-02.nii.gz").mkdir(parents=True)  # a folder where the output file must go
-    report = run_folder(folder, make_predictor(model), out, model_hash=model.sha256)
+    report = segment(folder, out, model)
     status = {r.name: r for r in report.records}
     assert status["sub-02"].status == "failed" and status["sub-02"].stage == "write"
     assert "permissions and free space" in status["sub-02"].hint
@@ -137,7 +137,7 @@ def test_unreadable_file_is_recorded(folder, tmp_path, tiny_model_dir):
     model = load_model(tiny_model_dir)
     shutil.rmtree(folder / "bad")
     (folder / "sub-02.nrrd").chmod(0)
-    report = run_folder(folder, make_predictor(model), tmp_path / "out", model_hash=model.sha256)
+    report = segment(folder, tmp_path / "out", model)
     record = next(r for r in report.records if r.name == "sub-02")
     assert record.status == "failed" and record.stage in ("discover", "read")
 
@@ -146,8 +146,7 @@ def test_probability_maps_match_labels_and_grid(folder, tmp_path, tiny_model_dir
     model = load_model(tiny_model_dir)
     shutil.rmtree(folder / "bad")
     shutil.rmtree(folder / "dicom")
-    options = BatchOptions(formats=("nifti",), probabilities="uint8")
-    report = run_folder(folder, make_predictor(model), tmp_path / "out", options, model.sha256)
+    report = segment(folder, tmp_path / "out", model, formats="nifti", probabilities="uint8")
     record = next(r for r in report.records if r.name == "sub-01__t1")
     labels = nib.load(record.outputs["nifti"])
     maps = [nib.load(record.outputs[f"prob-{name}"]) for name in ("anterior", "posterior")]
@@ -170,7 +169,7 @@ def test_qc_montages_and_index(folder, tmp_path, tiny_model_dir):
     model = load_model(tiny_model_dir)
     shutil.rmtree(folder / "dicom")
     out = tmp_path / "out"
-    report = run_folder(folder, make_predictor(model), out, BatchOptions(formats=("nifti", "qc")), model.sha256)
+    report = segment(folder, out, model, formats=("nifti", "qc"))
     ok = [r for r in report.records if r.status == "ok"]
     for record in ok:
         assert record.outputs["qc"].endswith(".qc.png") and (out / f"{record.name}.qc.png").stat().st_size > 2000
@@ -199,8 +198,7 @@ def test_real_dicom_series_in_a_batch(shared_data, tmp_path, tiny_model_dir):
     # A 512 window runs the CT's 512x512 slices whole (the 64 window would slide 81 times).
     init_model(tmp_path / "model", replace(load_spec(tiny_model_dir), window=(512, 512)))
     model = load_model(tmp_path / "model")
-    options = BatchOptions(formats=("nifti", "seg.nrrd", "dicom-seg"))
-    report = run_folder(root, make_predictor(model), tmp_path / "out", options, model.sha256)
+    report = segment(root, tmp_path / "out", model, formats=("nifti", "seg.nrrd", "dicom-seg"))
     records = {r.input.split("/")[-1]: r for r in report.records}
     assert {r.status for r in records.values()} == {"ok"}
     ct = records["ct"]

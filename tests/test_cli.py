@@ -186,9 +186,59 @@ def test_init_model_and_info(tmp_path, capsys):
     assert "posterior" in capsys.readouterr().out
 
 
-def test_init_model_bad_preset(tmp_path, caplog):
-    code = main(["init-model", "-o", str(tmp_path / "m"), "--labels", "bg,fg", "--preset", "ct_liver"])
-    assert code != 0 and "unknown preset 'ct_liver'" in caplog.text
+def test_init_model_bad_preset(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["init-model", "-o", str(tmp_path / "m"), "--labels", "bg,fg", "--preset", "ct_liver"])
+    assert exit_.value.code == 2 and "invalid choice: 'ct_liver'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--formats", "nifti,bogus"], "unknown output format 'bogus'"),
+        (["--formats", "nifit"], "did you mean 'nifti'?"),
+        (["--precision", "fp8"], "invalid choice: 'fp8'"),
+        (["--dicom-seg-type", "bitmap"], "invalid choice: 'bitmap'"),
+        (["--probabilities", "float16"], "invalid choice: 'float16'"),
+        (["--shard", "2/2"], "0 <= I < N"),
+        (["--shard", "half"], "must look like 0/4"),
+        (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
+        (["--batch-size", "0"], "positive integer"),
+    ],
+)
+def test_bad_options_exit_2_before_any_discovery(tmp_path, capsys, monkeypatch, options, needle):
+    """Checked while parsing: nothing is discovered, loaded or written (the input need not exist)."""
+    import medseg.io.discover
+
+    monkeypatch.setattr(medseg.io.discover, "discover", lambda *a: pytest.fail("discovery ran"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(tmp_path / "nowhere"), "-o", str(out), *options])
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_segment_without_output_exits_2_before_discovery(tmp_path, capsys, monkeypatch):
+    import medseg.io.discover
+
+    monkeypatch.setattr(medseg.io.discover, "discover", lambda *a: pytest.fail("discovery ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["segment", str(tmp_path)])
+    assert exit_.value.code == 2 and "needs -o/--output" in capsys.readouterr().err
+
+
+def test_version_and_defaults_in_help(capsys):
+    import medseg
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"medseg {medseg.__version__}"
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: nifti,seg.nrrd)", "(default: binary)", "(default: auto)", "(default: fp32)"):
+        assert default in text
 
 
 def _ensemble_folder(tmp_path, member_labels=("background", "anterior", "posterior")):

@@ -5,15 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_geometry, phantom, rotation, write_nifti
+from helpers import make_geometry, phantom, rotation, segment_one, write_nifti
 
 from medseg.bundled import default_model_dir
 from medseg.cli import main
 from medseg.errors import ModelError
 from medseg.evaluation.metrics import dice
-from medseg.inference import make_predictor, segment_scan
+from medseg.io import read_scan
 from medseg.io.files import file_digest
-from medseg.io.readers import read_scan
 from medseg.model import build_ensemble, init_model, load_model, load_spec, member_name
 from medseg.spec import ModelSpec, NetworkSpec, labels_from_names
 
@@ -108,12 +107,12 @@ def test_two_bundled_members_as_an_ensemble_on_real_scans(shared_data, tmp_path)
     provenance = load_spec(out).provenance
     assert provenance["trained"] is True and provenance["training_cases"] == 160  # shared by both members
     assert "validation_dice" not in provenance  # a member's own figure would mislead here
-    predictor = make_predictor(load_model(out))
+    model = load_model(out)
     manifest = json.loads(Path("data_manifests/hippocampus.json").read_text())
     scores = []
     for item in manifest["validation"][:8]:
         image = shared_data / "hippocampus" / "imagesTr" / Path(item["image"]).name
         ref = np.rint(read_scan(shared_data / "hippocampus" / "labelsTr" / Path(item["label"]).name).array[0])
-        pred = np.rint(read_scan(segment_scan(image, predictor, tmp_path / "seg").output).array[0])
+        pred = np.rint(read_scan(segment_one(image, model, tmp_path / "seg")).array[0])
         scores.append([dice(pred.astype(int), ref.astype(int), v) for v in (1, 2)])
     assert np.mean(scores, axis=0).min() > 0.86, np.mean(scores, axis=0)

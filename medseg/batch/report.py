@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,15 +51,37 @@ class ScanRecord:
 
 @dataclass
 class RunReport:
-    """All records of a run plus what it ran with; ``skipped_files`` are non-scans found."""
+    """All records of a run plus what it ran with; what ``medseg.segment`` returns.
+
+    ``skipped_files`` are files found that are not scans (with the reason); ``notes`` are
+    conditions of the whole run (said once, not per scan); ``path`` is the report file
+    (for a shard, its part until the parts are merged into ``medseg-run.json``);
+    ``seconds`` the run's wall-clock time.
+    """
 
     records: list[ScanRecord] = field(default_factory=list)
     skipped_files: list[dict[str, str]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    path: Path | None = None
+    seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter, repr=False, compare=False)
 
     @property
     def failed(self) -> list[ScanRecord]:
         return [r for r in self.records if r.status == "failed"]
+
+    def counts(self) -> dict[str, int]:
+        """Scans by status: ok, failed, skipped (done before)."""
+        return {status: sum(r.status == status for r in self.records) for status in ("ok", "failed", "skipped")}
+
+    def summary_line(self) -> str:
+        """One line: how many scans ended how, and the time taken."""
+        c = self.counts()
+        return (
+            f"{len(self.records)} scan(s): {c['ok']} ok, {c['failed']} failed, "
+            f"{c['skipped']} skipped (done before) in {self.seconds:.1f} s"
+        )
 
     def write(self, out_dir: Path, name: str = REPORT_JSON) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +93,9 @@ class RunReport:
                 "skipped_done_before": sum(r.status == "skipped" for r in self.records),
                 "failed": len(self.failed),
                 "non_scan_files": len(self.skipped_files),
+                "seconds": self.seconds,
             },
+            "notes": self.notes,
             "scans": [dataclasses.asdict(r) for r in self.records],
             "non_scan_files": self.skipped_files,
         }

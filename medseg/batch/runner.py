@@ -1,9 +1,10 @@
-"""Segment every scan under a folder with one loaded model; survive anything in the folder.
+"""Segment discovered scans with one loaded model; survive anything in the folder.
 
-discover -> for each scan: read -> preprocess + infer -> write each format (atomically)
--> record. One failing scan never stops the run: its record holds the stage, the error
-and a hint. Re-running the same command skips scans whose outputs all exist and whose
-record matches (input fingerprint, model hash, options); ``overwrite`` redoes everything.
+for each scan: read -> preprocess + infer -> write each format (atomically) -> record.
+One failing scan never stops the run: its record holds the stage, the error and a hint.
+A scan done before with the same inputs, model and options is kept (resume); ``overwrite``
+redoes everything. Each record reaches the report, and the caller's progress, as soon as
+that scan's outputs are renamed into place (from the writer thread), not one scan later.
 """
 
 from __future__ import annotations
@@ -11,69 +12,62 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medseg.batch.qc import write_index, write_montage
+from medseg.batch.progress import RunProgress
+from medseg.batch.qc import write_index
 from medseg.batch.report import RunReport, ScanRecord, environment, load_records
 from medseg.errors import FileProblem
-from medseg.inference.predictor import EnsemblePredictor, Progress, SlicePredictor
+from medseg.inference.options import Progress
+from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
 from medseg.inference.segment import segment_volume, segment_volume_with_probabilities
-from medseg.io.dicom_seg import DicomSegUnavailable, write_dicom_seg
-from medseg.io.discover import Discovery, ScanSource, discover, read_source, sanitise
+from medseg.io.discover import Discovery, ScanSource, read_source
+from medseg.io.formats import (
+    DEFAULT_FORMATS,
+    FORMATS,
+    Segmentation,
+    WriteOptions,
+    output_files,
+    parse_formats,
+    write_outputs,
+)
 from medseg.io.volume import Volume
-from medseg.io.writers import write_color_table, write_nifti_labels, write_probability_map, write_seg_nrrd
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("nifti", "seg.nrrd", "dicom-seg", "qc")
 
 
 @dataclass(frozen=True)
 class BatchOptions:
-    """``formats`` to write; ``overwrite`` redoes finished scans; ``shard`` (i, n) keeps
-    scans i, i+n, i+2n, ... of the sorted discovery; ``dicom_seg_type`` "binary" (valid for
-    every viewer, uncompressed) or "labelmap" (compact, newer SOP class); ``probabilities``
-    "uint8" or "float32" also writes one probability map per foreground label."""
+    """``formats`` to write (names in ``medseg.io.formats.FORMATS``); ``overwrite`` redoes
+    finished scans; ``shard`` (i, n) keeps scans i, i+n, i+2n, ... of the sorted discovery;
+    ``write`` holds the formats' own settings."""
 
-    formats: tuple[str, ...] = ("nifti", "seg.nrrd")
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     overwrite: bool = False
     shard: tuple[int, int] = (0, 1)
-    dicom_seg_type: str = "binary"
-    probabilities: str | None = None
+    write: WriteOptions = field(default_factory=WriteOptions)
 
     def __post_init__(self) -> None:
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats:
-            raise ValueError(f"unknown output format(s) {unknown}; choose from {FORMATS}")
+        object.__setattr__(self, "formats", parse_formats(self.formats))
         index, count = self.shard
         if count < 1 or not 0 <= index < count:
             raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
 
+    @property
+    def needs_probabilities(self) -> bool:
+        return any(FORMATS[name].needs_probabilities for name in self.formats)
 
-def output_paths(
-    scan: ScanSource, out_dir: Path, formats: tuple[str, ...], probability_labels: tuple[str, ...] = ()
-) -> dict[str, Path]:
-    """Output files per format; "dicom-seg" only for DICOM inputs."""
-    name = scan.name
-    paths: dict[str, Path] = {
-        f"prob-{lab}": out_dir / f"{name}.prob-{sanitise(lab)}.nii.gz" for lab in probability_labels
-    }
-    if "nifti" in formats:
-        paths["nifti"] = out_dir / f"{name}.nii.gz"
-        paths["color-table"] = out_dir / f"{name}.ctbl"
-    if "seg.nrrd" in formats:
-        paths["seg.nrrd"] = out_dir / f"{name}.seg.nrrd"
-    if "qc" in formats:
-        paths["qc"] = out_dir / f"{name}.qc.png"
-    if "dicom-seg" in formats and scan.series is not None:
-        paths["dicom-seg"] = out_dir / f"{name}.seg.dcm"
-    return paths
+    @property
+    def report_name(self) -> str:
+        index, count = self.shard
+        return "medseg-run.json" if count == 1 else f"medseg-run.part{index}of{count}.json"
 
 
 def remove_stale_temporaries(out_dir: Path) -> None:
@@ -90,7 +84,10 @@ def fingerprint(scan: ScanSource, model_hash: str, options: BatchOptions) -> str
     for path in sorted(files):
         stat = path.stat()
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    digest.update(f"{model_hash}|{sorted(options.formats)}|{options.dicom_seg_type}|{options.probabilities}".encode())
+    write = options.write
+    digest.update(
+        f"{model_hash}|{sorted(options.formats)}|{write.dicom_seg_type}|{write.probability_encoding}".encode()
+    )
     return digest.hexdigest()[:16]
 
 
@@ -102,6 +99,13 @@ def _hint(err: Exception) -> str:
     if isinstance(err, OSError):
         return "check permissions and free space of the input and output folders"
     return "unexpected: please report it with this run report"
+
+
+def _error_text(err: Exception) -> str:
+    """The error without its hint (the record keeps the hint in its own field, said once)."""
+    if isinstance(err, FileProblem):
+        return f"{type(err).__name__}: {err.path}: {err.problem}"
+    return f"{type(err).__name__}: {err}"
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ def _timed(fn: Callable, *args: object) -> tuple[object, float]:
 
 
 class BatchRunner:
-    """Runs one model over discovered scans, writing outputs and the report in ``out_dir``."""
+    """Runs one predictor over discovered scans, writing outputs and the report in ``out_dir``."""
 
     def __init__(
         self,
@@ -131,46 +135,51 @@ class BatchRunner:
         model_hash: str = "",
     ) -> None:
         self.predictor = predictor
-        self.out_dir = out_dir
+        self.out_dir = Path(out_dir)
         self.options = options
         self.model_hash = model_hash
         self._keys: dict[str, str] = {}  # scan name -> input fingerprint, set when planned
+        self._lock = threading.Lock()  # records arrive from the main and the writer thread
 
-    def run(
-        self,
-        discovery: Discovery,
-        progress: Callable[[ScanRecord], None] | None = None,
-        slice_progress: Progress | None = None,
-    ) -> RunReport:
+    @property
+    def report_name(self) -> str:
+        return self.options.report_name
+
+    def run(self, discovery: Discovery, progress: RunProgress | None = None) -> RunReport:
         """Segment this shard's scans (those done before with the same inputs are kept); the
-        report, rewritten after every scan so an interrupted run leaves an accurate one."""
+        report is rewritten after every scan so an interrupted run leaves an accurate one."""
+        progress = progress or RunProgress()
         index, count = self.options.shard
-        report = self._new_report(discovery)
+        mine = discovery.scans[index::count]
+        report = self._new_report(discovery, mine)
         previous = {} if self.options.overwrite else load_records(self.out_dir, self.report_name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir)
+        report.write(self.out_dir, self.report_name)  # the run is on record before its first scan
+        progress.run_started(len(mine))
 
         def finish(record: ScanRecord) -> None:
-            report.records.append(record)
-            report.write(self.out_dir, self.report_name)
-            if progress is not None:
-                progress(record)
+            with self._lock:
+                report.records.append(record)
+                report.write(self.out_dir, self.report_name)
+                progress.scan_done(record)
 
         todo = []
-        for scan in discovery.scans[index::count]:
+        for scan in mine:
             done = self._done_before(scan, previous.get(scan.name))
             if done is not None:
                 finish(done)
             else:
                 todo.append(scan)
-        self._segment_overlapped(todo, finish, slice_progress)
+        self._segment_overlapped(todo, finish, progress.slices_done)
         report.settings["complete"] = True  # a merge of shard parts waits for this
+        report.seconds = round(time.perf_counter() - report.started, 3)
         report.write(self.out_dir, self.report_name)
         if "qc" in self.options.formats:
             write_index(report, self.out_dir)
         return report
 
-    def _new_report(self, discovery: Discovery) -> RunReport:
+    def _new_report(self, discovery: Discovery, mine: tuple[ScanSource, ...]) -> RunReport:
         index, count = self.options.shard
         return RunReport(
             skipped_files=[{"path": str(s.path), "reason": s.reason} for s in discovery.skipped],
@@ -183,18 +192,32 @@ class BatchRunner:
                 "formats": list(self.options.formats),
                 "shard": f"{index}/{count}",
             },
+            notes=self._run_notes(mine),
+            path=self.out_dir / self.report_name,
         )
 
+    def _run_notes(self, scans: tuple[ScanSource, ...]) -> list[str]:
+        """Conditions that hold for the run rather than one scan, said once (and logged)."""
+        notes = []
+        for name in self.options.formats:
+            not_dicom = sum(s.series is None for s in scans)
+            if FORMATS[name].dicom_only and not_dicom:
+                notes.append(
+                    f"{name}: written for DICOM inputs only; {not_dicom} of {len(scans)} scan(s) are not DICOM"
+                )
+        for note in notes:
+            logger.warning("%s", note)
+        return notes
+
     def _segment_overlapped(
-        self,
-        scans: list[ScanSource],
-        finish: Callable[[ScanRecord], None],
-        slice_progress: Progress | None,
+        self, scans: list[ScanSource], finish: Callable[[ScanRecord], None], slice_progress: Progress
     ) -> None:
         """Segment ``scans`` in order, passing each one's record to ``finish``.
 
         Reading the next scan and writing the previous one overlap with inference: file
         decompression and pixel decoding release the GIL, so they run while the network does.
+        The writer thread hands each record to ``finish`` as soon as its files are in place;
+        at most one written scan waits, so memory holds at most three scans.
         """
         with (
             ThreadPoolExecutor(1, thread_name_prefix="medseg-read") as reader,
@@ -207,17 +230,14 @@ class BatchRunner:
                     reads[i + 1] = reader.submit(_timed, read_source, scans[i + 1])
                 job = self._infer(scan, reads.pop(i), slice_progress)
                 if writing is not None:
-                    finish(writing.result())
-                writing = writer.submit(self._finish_write, job) if isinstance(job, _Job) else None
-                if not isinstance(job, _Job):
+                    writing.result()  # re-raises a failure to write the report itself
+                if isinstance(job, _Job):
+                    writing = writer.submit(lambda j: finish(self._finish_write(j)), job)
+                else:
+                    writing = None
                     finish(job)  # a failure: its record needs no writing
             if writing is not None:
-                finish(writing.result())
-
-    @property
-    def report_name(self) -> str:
-        index, count = self.options.shard
-        return "medseg-run.json" if count == 1 else f"medseg-run.part{index}of{count}.json"
+                writing.result()
 
     def _base(self, scan: ScanSource) -> dict:
         return {
@@ -229,12 +249,13 @@ class BatchRunner:
         }
 
     def _failed(self, scan: ScanSource, stage: str, err: Exception, seconds: float) -> ScanRecord:
-        logger.error("%s: failed at %s: %s", scan.name, stage, err)
+        # Said to the user once, by whoever shows the records (the CLI's per-scan line).
+        logger.debug("%s: failed at %s", scan.name, stage, exc_info=err)
         return ScanRecord(
             **self._base(scan),
             status="failed",
             stage=stage,
-            error=f"{type(err).__name__}: {err}",
+            error=_error_text(err),
             hint=_hint(err),
             seconds=round(seconds, 3),
         )
@@ -252,10 +273,10 @@ class BatchRunner:
         expected = [Path(p) for p in before.outputs.values()]
         if not expected or not all(p.is_file() for p in expected):
             return None
-        logger.info("%s: done before, skipped", scan.name)
+        logger.debug("%s: done before, skipped", scan.name)
         return dataclasses.replace(before, status="skipped")
 
-    def _infer(self, scan: ScanSource, read: Future, slice_progress: Progress | None) -> _Job | ScanRecord:
+    def _infer(self, scan: ScanSource, read: Future, slice_progress: Progress) -> _Job | ScanRecord:
         """Wait for the scan's read, run the network; a _Job to write, or a failed record."""
         try:
             volume, read_s = read.result()
@@ -264,7 +285,7 @@ class BatchRunner:
         start = time.perf_counter()
         try:
             probabilities = None
-            if self.options.probabilities:
+            if self.options.needs_probabilities:
                 labels, probabilities = segment_volume_with_probabilities(volume, self.predictor, slice_progress)
             else:
                 labels = segment_volume(volume, self.predictor, slice_progress)
@@ -275,16 +296,16 @@ class BatchRunner:
     def _finish_write(self, job: _Job) -> ScanRecord:
         scan, volume = job.scan, job.volume
         spec = self.predictor.model.spec
-        prob_labels = tuple(lab.name for lab in spec.labels[1:]) if job.probabilities is not None else ()
-        outputs = output_paths(scan, self.out_dir, self.options.formats, prob_labels)
+        paths = output_files(self.options.formats, scan.name, self.out_dir, spec.labels, scan.series is not None)
+        seg = Segmentation(job.labels, volume, spec.labels, spec.name, scan.series, job.probabilities)
         start = time.perf_counter()
         try:
-            warnings = self._write(job.labels, volume, scan, outputs)
-            for i, lab in enumerate(spec.labels[1:], start=1):
-                if job.probabilities is not None:
-                    write_probability_map(
-                        job.probabilities[i], volume.geometry, outputs[f"prob-{lab.name}"], self.options.probabilities
-                    )
+            warnings = write_outputs(seg, self.options.formats, paths, self.options.write)
+            if not job.labels.any():
+                warnings.append(
+                    "no voxel was labelled: check that the scan shows what the model was trained on "
+                    f"({spec.name}, preset {spec.preset})"
+                )
         except Exception as err:  # one scan's failure must never stop the batch
             return self._failed(scan, "write", err, sum(job.timings.values()) + time.perf_counter() - start)
         timings = {**job.timings, "write": time.perf_counter() - start}
@@ -293,46 +314,9 @@ class BatchRunner:
             status="ok",
             shape=tuple(volume.geometry.shape),
             spacing=tuple(round(s, 6) for s in volume.geometry.spacing),
-            outputs={k: str(v) for k, v in outputs.items() if v.is_file()},
+            outputs={k: str(v) for k, v in paths.items() if v.is_file()},
             seconds=round(sum(timings.values()), 3),
             timings={k: round(v, 4) for k, v in timings.items()},
             warnings=tuple(warnings),
             fingerprint=self._keys.pop(scan.name, ""),
         )
-
-    def _write(self, labels: np.ndarray, volume: Volume, scan: ScanSource, outputs: dict[str, Path]) -> list[str]:
-        """Write every requested output; returns warnings (an output that cannot exist)."""
-        spec = self.predictor.model.spec
-        spec_labels = spec.labels
-        warnings = []
-        if "nifti" in outputs:
-            write_nifti_labels(labels, volume.geometry, outputs["nifti"])
-            write_color_table(spec_labels, outputs["color-table"])
-        if "seg.nrrd" in outputs:
-            write_seg_nrrd(labels, volume.geometry, spec_labels, outputs["seg.nrrd"])
-        if "qc" in outputs:
-            write_montage(volume, labels, spec_labels, outputs["qc"])
-        if "dicom-seg" in self.options.formats and scan.series is None:
-            warnings.append("dicom-seg: not written, the input is not DICOM")
-        if "dicom-seg" in outputs:
-            try:
-                write_dicom_seg(
-                    labels, scan.series, spec_labels, outputs["dicom-seg"], self.options.dicom_seg_type, spec.name
-                )
-            except DicomSegUnavailable as err:
-                warnings.append(str(err))
-        for warning in warnings:
-            logger.warning("%s: %s", scan.name, warning)
-        return warnings
-
-
-def run_folder(
-    root: Path,
-    predictor: SlicePredictor | EnsemblePredictor,
-    out_dir: Path,
-    options: BatchOptions = BatchOptions(),
-    model_hash: str = "",
-    progress: Callable[[ScanRecord], None] | None = None,
-) -> RunReport:
-    """Discover the scans under ``root`` and segment them all (see :class:`BatchRunner`)."""
-    return BatchRunner(predictor, out_dir, options, model_hash).run(discover(root), progress)

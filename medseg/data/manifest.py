@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.io.volume import Geometry
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,16 @@ class ManifestError(MedsegError):
 
 @dataclass(frozen=True)
 class Case:
-    """One subject's scan and (for training and validation) its label map."""
+    """One subject's scan and (for training and validation) its label map.
+
+    ``image`` is a scan file or a DICOM series folder; ``series_uid`` picks one series when
+    that folder holds several (manifest key ``"series_uid"``).
+    """
 
     id: str
     image: Path
     label: Path | None
+    series_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ def load_manifest(path: str | Path, data_root: Path | None = None, check: bool =
             if cid in seen:
                 problems.append(f"case {cid}: listed twice ({seen[cid]} and {split}[{i}])")
             seen[cid] = f"{split}[{i}]"
-            cases.append(Case(cid, image, label))
+            cases.append(Case(cid, image, label, item.get("series_uid") or None))
         splits[split] = tuple(cases)
     if check:
         for split, cases in splits.items():
@@ -196,28 +202,49 @@ def _resolve(base: Path, relative: str) -> Path:
 
 
 def _check_case(case: Case, split: str, labels: dict[int, str]) -> list[str]:
-    import nibabel as nib
-
     problems = []
-    missing = [p for p in (case.image, case.label) if p is not None and not p.is_file()]
+    missing = [p for p in (case.image, case.label) if p is not None and not p.exists()]
     for p in missing:
         problems.append(f"case {case.id} ({split}): file {p} is missing")
     if missing or case.label is None:
         if case.label is None and split != "test":
             problems.append(f"case {case.id} ({split}): has no label")
         return problems
+    import nibabel as nib
+
     try:
-        image, label = nib.load(str(case.image)), nib.load(str(case.label))
-        values = np.unique(np.asarray(label.dataobj))
-    except Exception as err:  # nibabel raises many types for broken files
+        image, label = _grid(case.image, case.series_uid), _grid(case.label)
+        values = np.unique(np.asarray(nib.load(str(case.label)).dataobj)) if _is_nifti(case.label) else None
+        if values is None:
+            from medseg.io import read_scan
+
+            values = np.unique(read_scan(case.label).array[0])
+    except Exception as err:  # readers raise many types for broken files
         return [f"case {case.id} ({split}): cannot be read ({type(err).__name__}: {err})"]
-    if image.shape[:3] != label.shape[:3]:
+    if image.shape != label.shape:
         problems.append(f"case {case.id} ({split}): image shape {image.shape} != label {label.shape}")
-    elif not np.allclose(image.affine, label.affine, atol=1e-3):
-        problems.append(f"case {case.id} ({split}): image and label affines differ")
+    elif image.mismatch(label, atol=1e-3):
+        problems.append(f"case {case.id} ({split}): image and label grids differ ({image.mismatch(label, atol=1e-3)})")
     unexpected = [v for v in values.tolist() if v not in labels or v != int(v)]
     if unexpected:
         problems.append(
             f"case {case.id} ({split}): label values {unexpected} are not among the declared labels {sorted(labels)}"
         )
     return problems
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _grid(path: Path, series_uid: str | None = None) -> Geometry:
+    """The grid of the scan at ``path``: from the header for NIfTI, else through the reader
+    (DICOM series, NRRD, MHA), as ``medseg.io.read_scan`` places it."""
+    if _is_nifti(path) and series_uid is None:
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        return Geometry.from_affine_ras(img.affine, img.shape[:3])
+    from medseg.io import read_scan
+
+    return read_scan(path, series_uid).geometry

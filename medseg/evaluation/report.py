@@ -12,18 +12,18 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medseg.batch.report import load_records
 from medseg.data.manifest import Case, load_manifest
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import dice, surface_metrics
-from medseg.io.discover import sanitise
-from medseg.io.readers import read_scan, scan_name
+from medseg.io import read_scan
+from medseg.io.discover import single_scan
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +37,43 @@ class Evaluation:
     summary: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def prediction_path(case: Case, pred_dir: Path) -> Path:
-    """Where ``medseg segment`` writes the prediction for ``case``."""
-    return pred_dir / f"{sanitise(scan_name(case.image))}.nii.gz"
+class Predictions:
+    """Where ``medseg segment`` put each case's label map in ``pred_dir``.
+
+    The run report (``medseg-run.json``) maps each input scan to its outputs, whatever the
+    input kind and however the scans were passed (one by one or as a folder tree); without
+    a report, a case's prediction is ``<name>.nii.gz`` with the name ``medseg segment``
+    gives that scan when it is segmented on its own (one naming rule, ``medseg.io.discover``).
+    A case whose record says it failed is reported as failed, never scored from an older file.
+    """
+
+    def __init__(self, pred_dir: Path) -> None:
+        self.pred_dir = Path(pred_dir)
+        self.records = {(str(Path(r.input).resolve()), r.series_uid): r for r in load_records(self.pred_dir).values()}
+
+    def find(self, case: Case) -> Path:
+        """The case's prediction file; MedsegError saying why there is none."""
+        scan = single_scan(case.image, case.series_uid)
+        key = (str(scan.path.resolve()), scan.series.uid if scan.series is not None else "")
+        record = self.records.get(key)
+        if record is None:
+            path = self.pred_dir / f"{scan.name}.nii.gz"
+            if not path.is_file():
+                raise MedsegError(f"prediction {path} is missing")
+            return path
+        if record.status == "failed":
+            raise MedsegError(f"segmentation failed at {record.stage}: {record.error} ({record.hint})")
+        if "nifti" not in record.outputs:
+            raise MedsegError(f"{record.name} was segmented without the nifti format; re-run with --formats nifti")
+        return Path(record.outputs["nifti"])
 
 
 def evaluate_case(
-    case: Case, pred_dir: Path, labels: dict[int, str], tolerance_mm: float
+    case: Case, predictions: Predictions, labels: dict[int, str], tolerance_mm: float
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Rows (one per foreground label) for ``case``, or a problem sentence."""
-    path = prediction_path(case, pred_dir)
-    if not path.is_file():
-        return [], f"case {case.id}: prediction {path} is missing"
     try:
+        path = predictions.find(case)
         pred_volume, ref_volume = read_scan(path), read_scan(case.label)
     except MedsegError as err:
         return [], f"case {case.id}: {err}"
@@ -106,24 +130,19 @@ def evaluate(
     split: str = "validation",
     tolerance_mm: float = 1.0,
     data_root: Path | None = None,
-    failures: Mapping[str, str] | None = None,
 ) -> Evaluation:
-    """Evaluate every case of ``split`` and write the report files into ``out_dir``.
-
-    ``failures`` (case id -> reason, from ``predict_split``) names cases whose segmentation
-    failed, so the report gives the reason rather than only a missing prediction.
-    """
+    """Evaluate every case of ``split`` against ``medseg segment``'s outputs in ``pred_dir``
+    (found through its run report, see :class:`Predictions`) and write the report files
+    into ``out_dir``."""
     manifest = load_manifest(manifest_path, data_root, check=False)
+    predictions = Predictions(pred_dir)
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     for case in manifest.cases(split):
         if case.label is None:
             problems.append(f"case {case.id}: has no label to compare with")
             continue
-        if failures and case.id in failures:
-            problems.append(f"case {case.id}: segmentation failed: {failures[case.id]}")
-            continue
-        case_rows, problem = evaluate_case(case, pred_dir, manifest.labels, tolerance_mm)
+        case_rows, problem = evaluate_case(case, predictions, manifest.labels, tolerance_mm)
         rows += case_rows
         if problem:
             problems.append(problem)

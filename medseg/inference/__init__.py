@@ -1,14 +1,15 @@
 """Inference: slice-batch prediction and segmentation of whole scans on their original grid."""
 
-from medseg.inference.predictor import EnsemblePredictor, InferenceOptions, SlicePredictor, make_predictor
-from medseg.inference.segment import SegmentResult, segment_scan, segment_volume
+from medseg._lazy import lazy_exports
 
-__all__ = [
-    "EnsemblePredictor",
-    "InferenceOptions",
-    "SegmentResult",
-    "SlicePredictor",
-    "make_predictor",
-    "segment_scan",
-    "segment_volume",
-]
+_EXPORTS = {
+    "EnsemblePredictor": "medseg.inference.predictor",
+    "SlicePredictor": "medseg.inference.predictor",
+    "make_predictor": "medseg.inference.predictor",
+    "InferenceOptions": "medseg.inference.options",
+    "PRECISIONS": "medseg.inference.options",
+    "segment_volume": "medseg.inference.segment",
+    "segment_volume_with_probabilities": "medseg.inference.segment",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

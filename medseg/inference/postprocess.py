@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads with the predictor; the names here must stay light for the CLI
+    import torch
 
 POSTPROCESS = ("none", "largest_component")
 
@@ -27,6 +31,8 @@ def keep_largest_component(labels: torch.Tensor, values: tuple[int, ...]) -> tor
             sizes = np.bincount(components.ravel())
             sizes[0] = 0
             out[mask & (components != sizes.argmax())] = 0
+    import torch
+
     return torch.from_numpy(out)
 
 

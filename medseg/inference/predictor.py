@@ -9,59 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 from monai.inferers import sliding_window_inference
 
+from medseg.inference.options import DEFAULT_INFERENCE, InferenceOptions, Progress, resolve_device
 from medseg.model import Model
-from medseg.transforms.grid import (
-    in_plane_axes,
-    resample_slices,
-    slice_axis_index,
-    spacing_from_affine,
-    target_size,
-)
+from medseg.transforms.grid import InPlaneResampling, in_plane_axes, slice_axis_index, spacing_from_affine
 from medseg.transforms.slices import pad_slices, slice_stack
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-# Called with (slices done, slices in the volume) after each batch.
-Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class InferenceOptions:
-    """How to run the network: ``device`` "auto" picks CUDA when present; ``batch_size`` is
-    slices (or sliding windows) per network call, None to size batches by pixel count;
-    ``overlap`` is the sliding-window overlap; ``precision`` "bf16"/"fp16" run the network
-    under autocast (fp32 is exact)."""
-
-    device: str = "auto"
-    batch_size: int | None = None
-    overlap: float = 0.25
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available else cpu; "cuda" without a GPU raises a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
-
 
 # Pixels per network call when the batch size is automatic. On CPUs, batches beyond about
 # one 512x512 slice fall out of cache and run slower per slice (measured: 0.30 s/slice at
@@ -95,7 +53,7 @@ class SlicePredictor:
     exactly the same as doing it on a full probability volume, without the memory.
     """
 
-    def __init__(self, model: Model, options: InferenceOptions = InferenceOptions()) -> None:
+    def __init__(self, model: Model, options: InferenceOptions = DEFAULT_INFERENCE) -> None:
         self.model = model
         self.options = options
         self.device = resolve_device(options.device)
@@ -128,31 +86,40 @@ class SlicePredictor:
         for indices, scores in self._scores(image, progress, probabilities=True):
             view[indices.start : indices.stop] += scores.float().cpu()
 
+    def slice_count(self, image: torch.Tensor) -> int:
+        """Slices of ``image`` (C, X, Y, Z) this model predicts (along its slice axis)."""
+        return int(image.shape[1 + slice_axis_index(self.model.spec.slice_axis, image.affine)])
+
     def _scores(
         self, image: torch.Tensor, progress: Progress | None, probabilities: bool = False
     ) -> Iterator[tuple[range, torch.Tensor]]:
         """Per slice batch: its slice indices and scores (N, classes, H, W) on the native
-        in-plane grid (logits, or probabilities when resampled or asked for)."""
+        in-plane grid (logits, or probabilities when resampled or asked for).
+
+        The batch goes to the model's in-plane spacing and its probabilities come back with
+        the two directions of one ``InPlaneResampling``, the grid change the preprocessing
+        Compose records for whole volumes (tested equal to its ``Compose.inverse``).
+        """
         spec = self.model.spec
         axis = slice_axis_index(spec.slice_axis, image.affine)
         plane = in_plane_axes(axis)
         spacing = spacing_from_affine(image.affine)
         native = (int(image.shape[1 + plane[0]]), int(image.shape[1 + plane[1]]))
-        resized = target_size(native, (spacing[plane[0]], spacing[plane[1]]), spec.spacing)
+        grid = InPlaneResampling.to_spacing(native, (spacing[plane[0]], spacing[plane[1]]), spec.spacing)
         n_slices = int(image.shape[1 + axis])
         pad_value = float(image.min())
-        step = self.options.batch_size or auto_batch_size(self.device, resized[0] * resized[1])
-        logger.debug("slice axis %d, %d slices %s -> %s", axis, n_slices, native, resized)
+        step = self.options.batch_size or auto_batch_size(self.device, grid.resized[0] * grid.resized[1])
+        logger.debug("slice axis %d, %d slices %s -> %s", axis, n_slices, native, grid.resized)
+        if progress is not None:
+            progress(0, n_slices)
         with torch.inference_mode():
             for start in range(0, n_slices, step):
                 indices = range(start, min(start + step, n_slices))
                 batch = slice_stack(image, axis, indices, spec.context_slices)
-                batch = batch.to(self.device, torch.float32)
-                batch = resample_slices(batch, resized, "bilinear")
+                batch = grid.forward(batch.to(self.device, torch.float32), "bilinear")
                 scores = self._logits(batch, pad_value)
-                if resized != native or probabilities:
-                    scores = torch.softmax(scores.float(), dim=1)
-                    scores = resample_slices(scores, native, "bilinear")
+                if not grid.identity or probabilities:
+                    scores = grid.inverse(torch.softmax(scores.float(), dim=1), "bilinear")
                 yield indices, scores
                 if progress is not None:
                     progress(indices.stop, n_slices)
@@ -194,7 +161,7 @@ class EnsemblePredictor:
     scan, since each member visits the voxels in another order.
     """
 
-    def __init__(self, model: Model, options: InferenceOptions = InferenceOptions()) -> None:
+    def __init__(self, model: Model, options: InferenceOptions = DEFAULT_INFERENCE) -> None:
         self.model = model
         self.members = [SlicePredictor(m, options) for m in model.members]
         self.lut = torch.tensor(model.spec.label_values, dtype=torch.uint8)
@@ -203,17 +170,22 @@ class EnsemblePredictor:
         return self.lut[self.predict_probabilities(image, progress).argmax(dim=0)]
 
     def predict_probabilities(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
-        """Mean class probabilities of the members, (classes, X, Y, Z) float32."""
+        """Mean class probabilities of the members, (classes, X, Y, Z) float32.
+
+        ``progress`` counts every member's slices (members slice along different axes, so
+        the total is the sum of their slice counts, not members x one count).
+        """
         total = torch.zeros((len(self.lut), *image.shape[1:]), dtype=torch.float32)
-        n = len(self.members)
+        counts = [member.slice_count(image) for member in self.members]
+        all_slices, before = sum(counts), [sum(counts[:i]) for i in range(len(counts))]
         for i, member in enumerate(self.members):
             member_progress = None
             if progress is not None:
-                member_progress = lambda done, all_, i=i: progress(i * all_ + done, n * all_)  # noqa: E731
+                member_progress = lambda done, _, b=before[i]: progress(b + done, all_slices)  # noqa: E731
             member.add_probabilities(image, total, member_progress)
-        return total / n
+        return total / len(self.members)
 
 
-def make_predictor(model: Model, options: InferenceOptions = InferenceOptions()) -> SlicePredictor | EnsemblePredictor:
+def make_predictor(model: Model, options: InferenceOptions = DEFAULT_INFERENCE) -> SlicePredictor | EnsemblePredictor:
     """The predictor for ``model``: an ensemble when its model.json lists members."""
     return EnsemblePredictor(model, options) if model.members else SlicePredictor(model, options)

@@ -1,11 +1,13 @@
-"""Segment one scan: read -> preprocess -> predict -> back to the original grid -> write."""
+"""Segment one volume in memory: preprocess -> predict -> back to the original grid.
+
+The lower-level call under ``medseg.segment`` (which adds discovery, reading, writing,
+resume and the run report): ``segment_volume(volume, predictor)`` returns the label map on
+``volume``'s own grid.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,26 +15,14 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from medseg.errors import ScanError
+from medseg.inference.options import Progress
 from medseg.inference.postprocess import postprocess
-from medseg.inference.predictor import EnsemblePredictor, Progress, SlicePredictor
-from medseg.io.discover import read_source, single_scan
+from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
 from medseg.io.monai_reader import volume_to_metatensor
 from medseg.io.volume import Geometry, Volume
-from medseg.io.writers import write_nifti_labels
 from medseg.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SegmentResult:
-    """What one ``segment_scan`` call produced."""
-
-    source: Path
-    output: Path
-    geometry: Geometry
-    label_counts: dict[int, int]
-    seconds: float
 
 
 def to_original_grid(labels: torch.Tensor, image: MetaTensor, transforms: Compose) -> np.ndarray:
@@ -98,30 +88,3 @@ def segment_volume_with_probabilities(
     probs = predictor.predict_probabilities(image, progress)
     labels = postprocess(predictor.lut[probs.argmax(dim=0)], spec.postprocess, spec.label_values[1:])
     return _restored(volume, labels, image, transforms), _restored(volume, probs, image, transforms)
-
-
-def segment_scan(
-    source: str | Path,
-    predictor: SlicePredictor | EnsemblePredictor,
-    out_dir: Path,
-    series_uid: str | None = None,
-    progress: Progress | None = None,
-) -> SegmentResult:
-    """Segment the scan at ``source`` and write ``out_dir/<name>.nii.gz`` on its grid."""
-    start = time.perf_counter()
-    source = Path(source)
-    scan = single_scan(source, series_uid)
-    volume = read_source(scan)
-    labels = segment_volume(volume, predictor, progress)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    output = write_nifti_labels(labels, volume.geometry, out_dir / f"{scan.name}.nii.gz")
-    values, counts = np.unique(labels, return_counts=True)
-    seconds = time.perf_counter() - start
-    logger.debug("%s -> %s (%.1f s)", source, output, seconds)
-    return SegmentResult(
-        source=source,
-        output=output,
-        geometry=volume.geometry,
-        label_counts={int(v): int(c) for v, c in zip(values, counts)},
-        seconds=seconds,
-    )

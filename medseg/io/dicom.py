@@ -1,4 +1,6 @@
-"""DICOM series: find them in a folder, check them, and assemble one into a Volume.
+"""DICOM series: group slices into series, check them, and assemble one into a Volume.
+
+Which files form which series is decided by ``medseg.io.discover`` (the one read path).
 
 Measured pitfalls this module guards against (see ``shared/notes/dicom-seg.md``):
 
@@ -149,45 +151,6 @@ def group_series(slices: Iterable[DicomSlice]) -> list[DicomSeries]:
     for s in slices:
         groups.setdefault(_series_key(s), []).append(s)
     return [DicomSeries(uid=k, slices=tuple(v)) for k, v in groups.items()]
-
-
-def find_series(paths: Iterable[Path]) -> list[DicomSeries]:
-    """Group the DICOM images among ``paths`` into series; other files are ignored."""
-    slices, others = scan_files(paths)
-    for path, reason in others:
-        if "multi-frame" in reason:
-            raise ScanError(path, f"is a {reason}")
-    return group_series(slices)
-
-
-def find_series_in_folder(folder: Path) -> list[DicomSeries]:
-    """All DICOM series in ``folder`` and its subfolders."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return find_series(files)
-
-
-def select_series(folder: Path, series: list[DicomSeries], uid: str | None) -> DicomSeries:
-    """The one series a user asked for in ``folder``: by UID, or the only one there."""
-    if not series:
-        raise ScanError(
-            folder,
-            "holds no DICOM image series (no readable file with ImagePositionPatient)",
-            "point medseg at a folder of DICOM image files, or at a NIfTI/NRRD/MHA file",
-        )
-    if uid is not None:
-        chosen = [s for s in series if s.uid == uid]
-        if not chosen:
-            listing = "; ".join(s.summary() for s in series)
-            raise ScanError(folder, f"holds no series with UID {uid}", f"found: {listing}")
-        return chosen[0]
-    if len(series) > 1:
-        listing = "; ".join(s.summary() for s in series)
-        raise ScanError(
-            folder,
-            f"holds {len(series)} DICOM series where one scan was asked for: {listing}",
-            "point medseg at one series' folder, or pick one with --series-uid",
-        )
-    return series[0]
 
 
 def _check_series(series: DicomSeries) -> tuple[list[DicomSlice], float, np.ndarray]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import numpy as np
 
 from medseg.errors import ScanError
 from medseg.io import dicom
-from medseg.io.readers import checked, read_scan, scan_suffix
+from medseg.io.files import sanitise
+from medseg.io.readers import checked, read_file, scan_suffix
 from medseg.io.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,6 @@ class Discovery:
     root: Path
     scans: tuple[ScanSource, ...]
     skipped: tuple[Skipped, ...]
-
-
-def sanitise(text: str) -> str:
-    """``text`` reduced to ``[A-Za-z0-9._-]``: other runs become "_", no leading dots."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "scan"
 
 
 def _kind(suffix: str) -> str:
@@ -130,18 +126,43 @@ def discover(root: str | Path) -> Discovery:
     return Discovery(root, scans, tuple(sorted(skipped, key=lambda s: str(s.path))))
 
 
-def discover_all(roots: list[Path], series_uid: str | None = None) -> Discovery:
-    """Discover each of ``roots`` (files or folders) into one Discovery with unique names;
-    ``series_uid`` keeps only that DICOM series."""
-    parts = [discover(r) for r in roots]
-    scans = [s for p in parts for s in p.scans]
-    if series_uid is not None:
-        scans = [s for s in scans if s.series is not None and s.series.uid == series_uid]
-        if not scans:
-            raise ScanError(roots[0], f"holds no DICOM series with UID {series_uid}", "list the scans with --list")
+@dataclass(frozen=True)
+class ScanInput:
+    """A path to segment and, when it is a DICOM folder of several series, the one wanted."""
+
+    path: Path
+    series_uid: str | None = None
+
+
+def _only_series(scans: tuple[ScanSource, ...], uid: str, where: Path) -> list[ScanSource]:
+    chosen = [s for s in scans if s.series is not None and s.series.uid == uid]
+    if not chosen:
+        raise ScanError(where, f"holds no DICOM series with UID {uid}", "list the series and their UIDs with --list")
+    return chosen
+
+
+def discover_all(inputs: Sequence[str | Path | ScanInput], series_uid: str | None = None) -> Discovery:
+    """Discover each of ``inputs`` (files or folders) into one Discovery with unique names.
+
+    ``series_uid`` keeps only that DICOM series among the plain paths; a :class:`ScanInput`
+    names its own series.
+    """
+    requests = [i if isinstance(i, ScanInput) else ScanInput(Path(i)) for i in inputs]
+    parts = [discover(r.path) for r in requests]
+    scans: list[ScanSource] = []
+    for request, part in zip(requests, parts):
+        if request.series_uid is not None:
+            scans += _only_series(part.scans, request.series_uid, request.path)
+        elif series_uid is not None:
+            scans += [s for s in part.scans if s.series is not None and s.series.uid == series_uid]
+        else:
+            scans += part.scans
+    if series_uid is not None and not scans:
+        _only_series((), series_uid, requests[0].path)
     names = _unique([s.name for s in scans])
     unique = tuple(ScanSource(s.kind, s.path, n, s.series) for s, n in zip(scans, names))
-    root = roots[0] if len(roots) == 1 else Path(os.path.commonpath([str(r) for r in roots]))
+    paths = [str(r.path.absolute()) for r in requests]
+    root = requests[0].path if len(requests) == 1 else Path(os.path.commonpath(paths))
     return Discovery(root, unique, tuple(k for p in parts for k in p.skipped))
 
 
@@ -169,7 +190,7 @@ def read_source(scan: ScanSource) -> Volume:
     """The Volume of a discovered scan (a DICOM series is read from its known slices)."""
     if scan.series is not None:
         return checked(dicom.read_series(scan.series))
-    return read_scan(scan.path)
+    return read_file(scan.path)
 
 
 def single_scan(source: Path, series_uid: str | None = None) -> ScanSource:
@@ -178,13 +199,33 @@ def single_scan(source: Path, series_uid: str | None = None) -> ScanSource:
     if len(found.scans) == 1:
         return found.scans[0]
     if not found.scans:
-        reason = found.skipped[0].reason if found.skipped else "holds no scan"
-        raise ScanError(
-            source, f"is not a scan medseg can read: {reason}", "give a NIfTI/NRRD/MHA file or a DICOM series"
-        )
-    listing = "; ".join(f"{s.name} ({s.description or s.kind})" for s in found.scans[:10])
+        if source.is_dir():
+            first = f": {found.skipped[0].path.name}: {found.skipped[0].reason}" if found.skipped else ""
+            problem = f"holds no scan medseg can read ({len(found.skipped)} other file(s){first})"
+        else:
+            problem = "is not a scan medseg can read" + (f": {found.skipped[0].reason}" if found.skipped else "")
+        raise ScanError(source, problem, "give a NIfTI/NRRD/MHA file or a DICOM series")
+    what = "DICOM series" if all(s.series is not None for s in found.scans) else "scans"
+    listing = "; ".join(_describe(s) for s in found.scans[:10])
     raise ScanError(
         source,
-        f"holds {len(found.scans)} scans where one was asked for: {listing}",
+        f"holds {len(found.scans)} {what} where one was asked for: {listing}",
         "segment the whole folder with 'medseg segment', or pick a series with --series-uid",
     )
+
+
+def _describe(scan: ScanSource) -> str:
+    if scan.series is None:
+        return f"{scan.name} ({scan.kind})"
+    return f"{scan.name} ({scan.description or 'no description'}, uid {scan.series.uid})"
+
+
+def read_scan(path: str | Path, series_uid: str | None = None) -> Volume:
+    """Read the one scan at ``path``: a NIfTI/NRRD/MHA file, a DICOM file or series folder.
+
+    Every way medseg opens a scan goes through here or through :func:`discover`, so a path
+    is judged the same everywhere (a multi-frame DICOM, a folder of several series...).
+    ``series_uid`` picks one series when a DICOM folder holds several. Raises ScanError
+    naming the file, what is wrong and what to do.
+    """
+    return read_source(single_scan(Path(path), series_uid))

@@ -1,4 +1,4 @@
-"""File helpers: atomic writes (temporary name, then rename) and checksums.
+"""File helpers: atomic writes (temporary name, then rename), checksums and safe names.
 
 A killed or failing run therefore never leaves a truncated file under the final name.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,3 +38,8 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sanitise(text: str) -> str:
+    """``text`` reduced to ``[A-Za-z0-9._-]``: other runs become "_", no leading dots."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "scan"

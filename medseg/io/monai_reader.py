@@ -14,7 +14,8 @@ import numpy as np
 from monai.data import ImageReader, MetaTensor
 from monai.utils import MetaKeys, SpaceKeys
 
-from medseg.io.readers import SCAN_SUFFIXES, read_scan
+from medseg.io.discover import read_scan
+from medseg.io.readers import SCAN_SUFFIXES
 from medseg.io.volume import Volume
 
 

@@ -1,4 +1,4 @@
-"""Read one scan (NIfTI, NRRD, MHA/MHD file or DICOM series folder) into a Volume.
+"""Read one NIfTI, NRRD or MHA/MHD file into a Volume (DICOM series: ``medseg.io.dicom``).
 
 Readers return arrays (C, X, Y, Z) float32 with LPS geometry and refuse, with a ScanError
 naming the file, anything that is not a 3D scan with finite intensities.
@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import ScanError
-from medseg.io import dicom
 from medseg.io.volume import Geometry, Volume
 
 logger = logging.getLogger(__name__)
@@ -34,37 +33,19 @@ def scan_name(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix and path.is_file() else path.name
 
 
-def read_scan(path: str | Path, series_uid: str | None = None) -> Volume:
-    """Read the scan at ``path``: a NIfTI/NRRD/MHA file or a folder holding one DICOM series.
+def read_file(path: Path) -> Volume:
+    """Read the NIfTI/NRRD/MHA file at ``path`` (chosen by suffix) into a checked Volume.
 
-    ``series_uid`` picks one series when a DICOM folder holds several.
+    Scans are opened through ``medseg.io.read_scan`` (discovery decides what a path holds,
+    DICOM included); this is the file-format step underneath it.
     Raises ScanError naming the file, what is wrong and what to do.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ScanError(path, "does not exist", "check the path")
-    if path.is_dir():
-        series = dicom.select_series(path, dicom.find_series_in_folder(path), series_uid)
-        volume = dicom.read_series(series)
-    else:
-        suffix = scan_suffix(path)
-        if suffix is None:
-            # A lone DICOM file (often without suffix) is one 2D slice, or not an image.
-            found = dicom.find_series([path])
-            if found:
-                volume = dicom.read_series(found[0])
-            else:
-                raise ScanError(
-                    path,
-                    "is not a scan medseg can read",
-                    "give a .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd file or a DICOM series folder",
-                )
-        elif path.stat().st_size == 0:
-            raise ScanError(path, "is empty (0 bytes)", "the copy or download did not finish")
-        elif suffix in NIFTI_SUFFIXES:
-            volume = _read_nifti(path)
-        else:
-            volume = _read_itk(path)
+    suffix = scan_suffix(path)
+    if suffix is None:
+        raise ScanError(path, "has no NIfTI/NRRD/MHA suffix", "give a .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd file")
+    if path.stat().st_size == 0:
+        raise ScanError(path, "is empty (0 bytes)", "the copy or download did not finish")
+    volume = _read_nifti(path) if suffix in NIFTI_SUFFIXES else _read_itk(path)
     return checked(volume)
 
 

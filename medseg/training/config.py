@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import ConfigError
-from medseg.spec import reject_unknown_keys
+from medseg.spec import ModelLayout, reject_unknown_keys
 
 SCHEDULES = ("cosine", "poly")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -80,6 +80,16 @@ class TrainConfig:
         for name in ("epochs", "steps_per_epoch", "batch_size", "val_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def layout(self) -> ModelLayout:
+        """The model layout this configuration trains (its network and slicing fields).
+
+        The configuration stays flat (its JSON files name the layout fields at the top level);
+        taking every ModelLayout field by name means a layout field added without its
+        configuration field fails here rather than being silently left at its default.
+        """
+        return ModelLayout(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelLayout)})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

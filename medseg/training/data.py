@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from medseg.data.manifest import Case
+from medseg.io import read_scan
 from medseg.io.monai_reader import volume_to_metatensor
-from medseg.io.readers import read_scan
 from medseg.spec import ModelSpec
 from medseg.transforms import build_transforms
 from medseg.transforms.grid import slice_axis_index

@@ -20,10 +20,10 @@ from medseg.errors import ConfigError
 from medseg.evaluation.metrics import dice_per_label
 from medseg.inference.predictor import InferenceOptions, SlicePredictor, resolve_device
 from medseg.inference.segment import segment_volume
-from medseg.io.readers import read_scan
+from medseg.io import read_scan
 from medseg.io.volume import Volume
 from medseg.model import Model, save_model
-from medseg.spec import LabelSpec, ModelSpec, NetworkSpec, labels_from_names
+from medseg.spec import LabelSpec, ModelSpec, labels_from_names
 from medseg.training import distributed
 from medseg.training.augment import augment_batch
 from medseg.training.config import TrainConfig
@@ -55,17 +55,7 @@ def model_spec(config: TrainConfig, manifest: Manifest) -> ModelSpec:
     else:
         defaults = labels_from_names(names)
         labels = tuple(LabelSpec(v, d.name, d.color) for v, d in zip(sorted(manifest.labels), defaults))
-    in_channels = max(1, len(manifest.modality)) * (2 * config.context_slices + 1)
-    return ModelSpec(
-        labels=labels,
-        network=NetworkSpec(config.network, in_channels, len(labels), config.base_channels, config.depth),
-        preset=config.preset,
-        slice_axis=config.slice_axis,
-        spacing=config.spacing,
-        window=config.window,
-        context_slices=config.context_slices,
-        name=manifest.name or "medseg-model",
-    )
+    return config.layout.to_spec(labels, max(1, len(manifest.modality)), manifest.name or "medseg-model")
 
 
 class _Validator:

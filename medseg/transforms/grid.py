@@ -2,13 +2,16 @@
 
 In-plane resampling keeps the field of view (``align_corners=False``: the outer pixel edges
 stay where they are), changes only the two in-plane axes and leaves the slice axis alone.
-Because it never mixes slices, its inverse can be applied slice batch by slice batch, which
-is what the predictor does to class probabilities (see ``medseg.inference``).
+Both directions live in :class:`InPlaneResampling`. Because it never mixes slices, it can
+be applied slice batch by slice batch, which is what the predictor does (images forward,
+class probabilities back); whole volumes go through :class:`ResampleInPlane`, whose inverse
+MONAI's ``Compose.inverse`` replays. A test holds the two paths equal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
@@ -73,14 +76,6 @@ def resample_slices(slices: torch.Tensor, size: tuple[int, int], mode: str) -> t
     return out.to(slices.dtype) if slices.dtype.is_floating_point else out
 
 
-def _resample_volume(img: torch.Tensor, slice_axis: int, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """(C, X, Y, Z) -> (C, X', Y', Z') with the in-plane axes resampled to ``size``."""
-    # Bring the slice axis forward: (C, ...) -> (S, C, H, W), then back.
-    moved = torch.movedim(torch.as_tensor(img), slice_axis + 1, 0)
-    out = resample_slices(moved, size, mode)
-    return torch.movedim(out, 0, slice_axis + 1)
-
-
 def _index_map(slice_axis: int, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
     """(4, 4) map from new voxel indices to old ones for a field-of-view keeping resample."""
     xform = torch.eye(4, dtype=torch.float64)
@@ -89,6 +84,52 @@ def _index_map(slice_axis: int, old: tuple[int, int], new: tuple[int, int]) -> t
         xform[axis, axis] = scale
         xform[axis, 3] = 0.5 * scale - 0.5
     return xform
+
+
+@dataclass(frozen=True)
+class InPlaneResampling:
+    """In-plane resampling between a scan's ``native`` slice size and the model's ``resized``
+    one, both directions, keeping the field of view; the slice axis is never touched.
+
+    The one implementation of this grid change: :class:`ResampleInPlane` applies it to whole
+    volumes (and undoes it through MONAI's ``Compose.inverse``), and the predictor applies
+    it to slice batches, the forward direction to the images and ``inverse`` to the class
+    probabilities. Since it never mixes slices, batch by batch equals whole volume.
+    """
+
+    native: tuple[int, int]
+    resized: tuple[int, int]
+
+    @classmethod
+    def to_spacing(
+        cls, native: tuple[int, int], spacing: tuple[float, float], target: tuple[float, float] | None
+    ) -> InPlaneResampling:
+        """From slices of ``native`` size at ``spacing`` mm to ``target`` mm (None: none)."""
+        return cls((int(native[0]), int(native[1])), target_size(native, spacing, target))
+
+    @property
+    def identity(self) -> bool:
+        return self.native == self.resized
+
+    def forward(self, slices: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """(N, C, *native) -> (N, C, *resized)."""
+        return resample_slices(slices, self.resized, mode)
+
+    def inverse(self, slices: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """(N, C, *resized) -> (N, C, *native): images, probabilities ("bilinear") or
+        label maps ("nearest") back on the native grid."""
+        return resample_slices(slices, self.native, mode)
+
+    def volume(self, img: torch.Tensor, slice_axis: int, mode: str, inverse: bool = False) -> torch.Tensor:
+        """(C, X, Y, Z) with the in-plane axes around ``slice_axis`` resampled (or restored)."""
+        # Bring the slice axis forward: (C, ...) -> (S, C, H, W), then back.
+        moved = torch.movedim(torch.as_tensor(img), slice_axis + 1, 0)
+        out = self.inverse(moved, mode) if inverse else self.forward(moved, mode)
+        return torch.movedim(out, 0, slice_axis + 1)
+
+    def index_map(self, slice_axis: int) -> torch.Tensor:
+        """(4, 4) map from resized voxel indices to native ones (for the affine)."""
+        return _index_map(slice_axis, self.native, self.resized)
 
 
 class ResampleInPlane(InvertibleTransform, Transform):
@@ -108,21 +149,22 @@ class ResampleInPlane(InvertibleTransform, Transform):
         img = img if isinstance(img, MetaTensor) else MetaTensor(img)
         axis = slice_axis_index(self.slice_axis_rule, img.affine)
         plane = in_plane_axes(axis)
-        old = tuple(int(img.shape[1 + a]) for a in plane)
         spacing = spacing_from_affine(img.affine)
-        new = target_size(old, tuple(spacing[a] for a in plane), self.spacing)
+        grid = InPlaneResampling.to_spacing(
+            tuple(int(img.shape[1 + a]) for a in plane), tuple(spacing[a] for a in plane), self.spacing
+        )
         sp_size = [int(s) for s in img.shape[1:]]
-        for a, n in zip(plane, new):
+        for a, n in zip(plane, grid.resized):
             sp_size[a] = n
         meta = self.track_transform_meta(
             img,
             sp_size=sp_size,
-            affine=_index_map(axis, old, new),
+            affine=grid.index_map(axis),
             extra_info={"slice_axis": axis},
             orig_size=tuple(int(s) for s in img.shape[1:]),
             transform_info=self.get_transform_info(),
         )
-        out = MetaTensor(_resample_volume(img.as_tensor(), axis, new, self.mode))
+        out = MetaTensor(grid.volume(img.as_tensor(), axis, self.mode))
         return out.copy_meta_from(meta)
 
     def inverse(self, data: torch.Tensor) -> torch.Tensor:
@@ -131,12 +173,11 @@ class ResampleInPlane(InvertibleTransform, Transform):
         axis = int(record[TraceKeys.EXTRA_INFO]["slice_axis"])
         orig = [int(s) for s in record[TraceKeys.ORIG_SIZE]]
         plane = in_plane_axes(axis)
-        old = tuple(orig[a] for a in plane)
-        new = tuple(int(data.shape[1 + a]) for a in plane)
+        grid = InPlaneResampling(tuple(orig[a] for a in plane), tuple(int(data.shape[1 + a]) for a in plane))
         mode = self.mode if data.dtype.is_floating_point else "nearest"
-        out = MetaTensor(_resample_volume(data.as_tensor(), axis, old, mode))
+        out = MetaTensor(grid.volume(data.as_tensor(), axis, mode, inverse=True))
         out.copy_meta_from(data)
-        out.affine = data.affine @ torch.linalg.inv(_index_map(axis, old, new))
+        out.affine = data.affine @ torch.linalg.inv(grid.index_map(axis))
         return out
 
 

@@ -8,38 +8,13 @@ is clipped to its own 0.5-99.5 percentiles and z-scored.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 
-
-@dataclass(frozen=True)
-class IntensityPreset:
-    """``kind`` "window": clip to [lower, upper] then scale to [0, 1];
-    "percentile_zscore": clip to the [lower, upper] percentiles then z-score per volume;
-    "none": leave intensities as they are (data normalised elsewhere)."""
-
-    kind: str
-    lower: float = 0.0
-    upper: float = 0.0
-
-
-def _window(level: float, width: float) -> IntensityPreset:
-    return IntensityPreset("window", level - width / 2, level + width / 2)
-
-
-PRESETS: dict[str, IntensityPreset] = {
-    "ct_abdomen": _window(40, 400),
-    "ct_soft_tissue": _window(50, 350),
-    "ct_lung": _window(-600, 1500),
-    "ct_bone": _window(400, 1800),
-    "ct_brain": _window(40, 80),
-    "mr": IntensityPreset("percentile_zscore", 0.5, 99.5),
-    "none": IntensityPreset("none"),
-}
+from medseg.transforms.presets import PRESETS, IntensityPreset  # noqa: F401 (re-exported)
 
 
 def normalize_intensity(image: torch.Tensor, preset: str) -> torch.Tensor:

@@ -72,13 +72,20 @@ def test_evaluate_with_a_model_segments_the_split_first(tmp_path, tiny_model_dir
 
     code = main(["evaluate", "--model", str(tiny_model_dir), "--manifest", str(manifest), "-o", str(out)])
     assert code == 3
-    assert sorted(p.name for p in (out / "predictions").iterdir()) == sorted([images[0].name, images[2].name])
+    predictions = sorted(p.name for p in (out / "predictions").glob("*.nii.gz"))
+    assert predictions == sorted(image.name for image in images)
+    # The stale file is left alone (medseg did not write it) but never scored: the run
+    # report says this case failed, and evaluate goes by the report.
+    assert stale.read_bytes() == images[0].read_bytes()
     for image in (images[0], images[2]):
         pred = nib.load(str(out / "predictions" / image.name))
         np.testing.assert_allclose(pred.affine, nib.load(str(image)).affine, atol=1e-5)
     summary = json.loads((out / "summary.json").read_text())
     (problem,) = summary["problems"]
-    assert problem.startswith(f"case {images[1].name.split('.')[0]}: segmentation failed: {images[1]}")
+    assert problem.startswith(
+        f"case {images[1].name.split('.')[0]}: segmentation failed at read: ScanError: {images[1]}"
+    )
+    assert "re-copy" in problem  # the hint, once
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 4  # two cases x two labels
 

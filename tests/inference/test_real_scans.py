@@ -4,11 +4,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import threshold_labels, threshold_model
+from helpers import segment_one, threshold_labels, threshold_model
 
 from medseg.cli import main
-from medseg.inference import SlicePredictor, segment_scan
-from medseg.io.readers import read_scan
+from medseg.io import read_scan
 from medseg.io.volume import Geometry
 
 pytestmark = pytest.mark.realdata
@@ -40,8 +39,7 @@ def test_ct_jpeg2000_mask_lines_up_with_reference(shared_data, tmp_path):
     """HU thresholds of our output, resampled onto the TotalSegmentator mask's (row-flipped)
     grid, put liver and spleen in soft tissue and the humeri in bone; any flip breaks that."""
     folder = shared_data / "totalsegmentator/example_ct_dicom"
-    result = segment_scan(folder, SlicePredictor(threshold_model(-100, 300)), tmp_path)
-    out = sitk.ReadImage(str(result.output))
+    out = sitk.ReadImage(str(segment_one(folder, threshold_model(-100, 300), tmp_path)))
     assert _itk_geometry(out).mismatch(_itk_geometry(_itk_series(folder))) is None
     mask = sitk.ReadImage(str(shared_data / "totalsegmentator/example_seg_dicom.nii.gz"))
     on_mask = sitk.Resample(out, mask, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -70,12 +68,12 @@ def test_real_scan_voxel_exact_on_original_grid(shared_data, tmp_path, relative)
     path = shared_data / relative
     volume = read_scan(path)
     low, high = np.percentile(volume.array, (40, 80))
-    result = segment_scan(path, SlicePredictor(threshold_model(low, high)), tmp_path)
+    result = segment_one(path, threshold_model(low, high), tmp_path)
     itk_in = _itk_series(path) if path.is_dir() else sitk.ReadImage(str(path))
-    itk_out = sitk.ReadImage(str(result.output))
+    itk_out = sitk.ReadImage(str(result))
     assert _itk_geometry(itk_out).mismatch(_itk_geometry(itk_in)) is None
     expected = threshold_labels(sitk.GetArrayFromImage(itk_in).T.astype(np.float32), low, high)
-    np.testing.assert_array_equal(np.asarray(nib.load(str(result.output)).dataobj), expected)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(result)).dataobj), expected)
 
 
 def test_cli_segments_real_crop_series_with_article_unet(shared_data, tmp_path, tiny_model_dir):

@@ -13,6 +13,7 @@ from helpers import (
     make_geometry,
     phantom,
     rotation,
+    segment_one,
     threshold_labels,
     threshold_model,
     write_dicom_series,
@@ -22,7 +23,6 @@ from helpers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medseg.inference import InferenceOptions, SlicePredictor, segment_scan
 from medseg.io.volume import Geometry
 
 LOW, HIGH = 50.0, 200.0
@@ -39,10 +39,10 @@ DIRECTIONS = {
 
 
 def _check_output(result, geometry: Geometry, expected: np.ndarray) -> None:
-    itk = sitk.ReadImage(str(result.output))
+    itk = sitk.ReadImage(str(result))
     read_back = Geometry(tuple(itk.GetSize()), itk.GetSpacing(), itk.GetOrigin(), itk.GetDirection())
     assert geometry.mismatch(read_back) is None
-    img = nib.load(str(result.output))
+    img = nib.load(str(result))
     assert img.get_data_dtype() == np.uint8
     assert int(img.header["qform_code"]) == int(img.header["sform_code"]) == 1
     np.testing.assert_array_equal(np.asarray(img.dataobj), expected)
@@ -54,8 +54,8 @@ def test_voxel_exact_round_trip(tmp_path, name, slice_axis):
     geometry = make_geometry((23, 17, 9), (0.7, 1.2, 3.3), direction=DIRECTIONS[name])
     array = phantom(geometry.shape)
     path = write_nifti(tmp_path / "scan.nii.gz", array, geometry)
-    predictor = SlicePredictor(threshold_model(LOW, HIGH, slice_axis=slice_axis))
-    result = segment_scan(path, predictor, tmp_path / "out")
+    model = threshold_model(LOW, HIGH, slice_axis=slice_axis)
+    result = segment_one(path, model, tmp_path / "out")
     _check_output(result, geometry, threshold_labels(array, LOW, HIGH))
 
 
@@ -64,8 +64,8 @@ def test_nrrd_and_mha_inputs(tmp_path, suffix):
     geometry = make_geometry((15, 21, 8), (1.1, 0.6, 2.0), direction=DIRECTIONS["oblique"])
     array = phantom(geometry.shape)
     path = write_itk(tmp_path / f"scan{suffix}", array, geometry)
-    result = segment_scan(path, SlicePredictor(threshold_model(LOW, HIGH)), tmp_path / "out")
-    assert result.output.name == "scan.nii.gz"
+    result = segment_one(path, threshold_model(LOW, HIGH), tmp_path / "out")
+    assert result.name == "scan.nii.gz"
     _check_output(result, geometry, threshold_labels(array, LOW, HIGH))
 
 
@@ -73,9 +73,9 @@ def test_dicom_series_input(tmp_path):
     geometry = make_geometry((14, 12, 6), (0.8, 0.8, 5.0), direction=DIRECTIONS["oblique"])
     array = np.round(phantom(geometry.shape))
     write_dicom_series(tmp_path / "Series 3 (T1)", array, geometry)
-    predictor = SlicePredictor(threshold_model(LOW, HIGH))
-    result = segment_scan(tmp_path / "Series 3 (T1)", predictor, tmp_path / "out")
-    assert result.output.name.startswith("Series_3_T1__S3_synthetic_")  # sanitised, with a UID hash
+    model = threshold_model(LOW, HIGH)
+    result = segment_one(tmp_path / "Series 3 (T1)", model, tmp_path / "out")
+    assert result.name.startswith("Series_3_T1__S3_synthetic_")  # sanitised, with a UID hash
     # DICOM positions carry 6 decimals: the grid agrees to well under 1e-4 mm.
     _check_output(result, geometry, threshold_labels(array, LOW, HIGH))
 
@@ -96,7 +96,7 @@ def test_property_any_grid_any_axis_any_window(tmp_path, shape, spacing, angles,
     array = phantom(shape)
     path = write_nifti(tmp_path / "p.nii.gz", array, geometry)
     model = threshold_model(LOW, HIGH, slice_axis=axis, window=window, values=(0, 3, 7))
-    result = segment_scan(path, SlicePredictor(model, InferenceOptions(batch_size=3)), tmp_path / "o")
+    result = segment_one(path, model, tmp_path / "o", batch_size=3)
     expected = threshold_labels(array, LOW, HIGH)
     _check_output(result, geometry, np.choose(expected, [0, 3, 7]).astype(np.uint8))
 
@@ -107,8 +107,8 @@ def test_in_plane_resampling_keeps_grid_and_accuracy(tmp_path):
     array = phantom(geometry.shape)
     path = write_nifti(tmp_path / "scan.nii.gz", array, geometry)
     model = threshold_model(LOW, HIGH, spacing=(1.5, 1.5))
-    result = segment_scan(path, SlicePredictor(model), tmp_path / "out")
-    out = np.asarray(nib.load(str(result.output)).dataobj)
+    result = segment_one(path, model, tmp_path / "out")
+    out = np.asarray(nib.load(str(result)).dataobj)
     expected = threshold_labels(array, LOW, HIGH)
     assert out.shape == expected.shape
     for label in (1, 2):
@@ -140,7 +140,7 @@ def test_context_slices_feed_centre_slice_in_the_middle(tmp_path):
     base = threshold_model(LOW, HIGH, slice_axis="coronal")
     spec = replace(base.spec, context_slices=2, network=NetworkSpec(in_channels=5, out_channels=3))
     model = Model(spec=spec, network=ContextThresholdNet(LOW, HIGH, 2), folder=base.folder)
-    result = segment_scan(path, SlicePredictor(model), tmp_path / "out")
+    result = segment_one(path, model, tmp_path / "out")
     _check_output(result, geometry, threshold_labels(array, LOW, HIGH))
 
 
@@ -156,15 +156,14 @@ def test_largest_component_postprocess_removes_islands(tmp_path):
     path = write_nifti(tmp_path / "scan.nii.gz", array, geometry)
     base = threshold_model(LOW, HIGH)
     model = Model(replace(base.spec, postprocess="largest_component"), base.network, base.folder)
-    out = nib.load(str(segment_scan(path, SlicePredictor(model), tmp_path / "out").output)).get_fdata()
+    out = nib.load(str(segment_one(path, model, tmp_path / "out"))).get_fdata()
     assert out[5:15, 5:15, 2:8].min() == 1 and out[25:27, 20:22, 10:11].max() == 0
-    plain = nib.load(str(segment_scan(path, SlicePredictor(base), tmp_path / "plain").output)).get_fdata()
+    plain = nib.load(str(segment_one(path, base, tmp_path / "plain"))).get_fdata()
     assert plain[25:27, 20:22, 10:11].min() == 1  # the control: without it the island stays
 
 
 def test_ensemble_of_views_averages_probabilities(tmp_path):
     """Members slicing along different axes; the known answer survives the averaging."""
-    from medseg.inference import make_predictor
     from medseg.model import Model
 
     geometry = make_geometry((21, 18, 11), direction=DIRECTIONS["oblique"])
@@ -172,5 +171,5 @@ def test_ensemble_of_views_averages_probabilities(tmp_path):
     path = write_nifti(tmp_path / "scan.nii.gz", array, geometry)
     members = tuple(threshold_model(LOW, HIGH, slice_axis=a) for a in ("axial", "coronal", "sagittal"))
     ensemble = Model(members[0].spec, None, tmp_path, members=members)
-    result = segment_scan(path, make_predictor(ensemble), tmp_path / "out")
+    result = segment_one(path, ensemble, tmp_path / "out")
     _check_output(result, geometry, threshold_labels(array, LOW, HIGH))

@@ -8,7 +8,7 @@ import pytest
 from helpers import make_geometry, phantom, rotation, write_dicom_series
 
 from medseg.errors import ScanError
-from medseg.io.readers import read_scan
+from medseg.io import read_scan
 
 GEOMETRY = make_geometry((12, 10, 6), (0.75, 0.6, 2.5), direction=rotation((10.8, 0, 3.0)))
 
@@ -132,5 +132,5 @@ def test_non_dicom_files_in_series_folder_are_ignored(series):
 
 def test_folder_without_dicom(tmp_path):
     (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(ScanError, match="holds no DICOM image series"):
+    with pytest.raises(ScanError, match="holds no scan medseg can read"):
         read_scan(tmp_path)

@@ -8,7 +8,7 @@ import pytest
 from helpers import make_geometry, phantom, rotation, write_itk, write_nifti
 
 from medseg.errors import ScanError
-from medseg.io.readers import read_scan
+from medseg.io import read_scan
 
 OBLIQUE = rotation((12.0, -7.0, 25.0))
 

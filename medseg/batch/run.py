@@ -1,0 +1,153 @@
+"""``medseg.segment``: from scans (files, DICOM folders, folder trees) to outputs, in one call.
+
+Everything a run needs lives behind this function: option checks (before any discovery or
+model load), discovery, the model (loaded once), resume, shards, the run report. The
+``medseg segment`` command parses its arguments and calls it; so do ``evaluate --model``
+and the demo. To segment a volume already in memory, use ``medseg.segment_volume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medseg.batch.progress import RunProgress
+from medseg.batch.report import RunReport
+from medseg.errors import ScanError
+from medseg.inference.options import InferenceOptions
+from medseg.io.discover import Discovery, ScanInput, discover_all
+from medseg.io.formats import DEFAULT_FORMATS, WriteOptions, parse_formats
+
+if TYPE_CHECKING:
+    from medseg.model import Model
+
+logger = logging.getLogger(__name__)
+
+Inputs = str | Path | ScanInput | Sequence[str | Path | ScanInput]
+
+
+def segment(
+    inputs: Inputs,
+    output_dir: str | Path,
+    model: str | Path | Model | None = None,
+    *,
+    formats: str | Sequence[str] = DEFAULT_FORMATS,
+    overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
+    progress: RunProgress | None = None,
+    series_uid: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    dicom_seg_type: str = "binary",
+    probabilities: str | None = None,
+) -> RunReport:
+    """Segment every scan in ``inputs`` into ``output_dir`` and return the run's report.
+
+    Args:
+        inputs: scan files (NIfTI, NRRD, MHA/MHD), DICOM files or series folders, folder
+            trees of any of these, or :class:`~medseg.io.discover.ScanInput` (a path and the
+            one DICOM series wanted from it).
+        output_dir: where outputs and ``medseg-run.json``/``.csv`` go (created if needed).
+        model: a model folder, a loaded :class:`~medseg.model.Model`, or None for the
+            bundled default model.
+        formats: names from ``medseg.io.formats.FORMATS`` ("nifti,seg.nrrd" or a list).
+        overwrite: redo scans an earlier run in ``output_dir`` finished; otherwise a scan
+            whose outputs exist and whose inputs, model and options are unchanged is kept.
+        shard: (i, n) segments scans i, i+n, ... of the sorted discovery; each shard writes
+            a report part, and the last to finish merges them into ``medseg-run.json``.
+        progress: callbacks as the run goes (see :class:`~medseg.batch.progress.RunProgress`).
+        series_uid: keep only this DICOM series among the scans found.
+        device, batch_size, precision: how to run the network (``InferenceOptions``).
+        dicom_seg_type: "binary" or "labelmap" DICOM SEG encoding.
+        probabilities: "uint8" or "float32" also writes a probability map per label.
+
+    Returns:
+        The :class:`~medseg.batch.report.RunReport`: one record per scan (ok, failed with
+        stage, error and hint, or skipped as done before); ``report.path`` is the report file.
+
+    Raises:
+        ValueError: a bad option (nothing was read or written).
+        ScanError: an input does not exist or holds no scan.
+        ModelError: the model folder cannot be used.
+    """
+    names = parse_formats(formats)
+    if probabilities is not None:
+        names = (*names, "probabilities")
+    from medseg.batch.runner import BatchOptions
+
+    options = BatchOptions(names, overwrite, shard or (0, 1), WriteOptions(dicom_seg_type, probabilities or "uint8"))
+    inference = InferenceOptions(device=device, batch_size=batch_size, precision=precision)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ScanError(output_dir, "is a file, not a folder", "give -o a folder (it is created if missing)")
+    discovery = discover_all(_as_list(inputs), series_uid)
+    if not discovery.scans:
+        raise _nothing_found(discovery)
+    return _run(discovery, output_dir, _loaded(model), options, inference, progress)
+
+
+def _as_list(inputs: Inputs) -> list[str | Path | ScanInput]:
+    return [inputs] if isinstance(inputs, str | Path | ScanInput) else list(inputs)
+
+
+def _nothing_found(discovery: Discovery) -> ScanError:
+    reasons = "; ".join(f"{s.path}: {s.reason}" for s in discovery.skipped[:5])
+    more = f" and {len(discovery.skipped) - 5} more" if len(discovery.skipped) > 5 else ""
+    return ScanError(
+        discovery.root,
+        "holds no scan medseg can read" + (f" ({reasons}{more})" if reasons else ""),
+        "give NIfTI/NRRD/MHA files or DICOM series, or folders holding them",
+    )
+
+
+def _loaded(model: str | Path | Model | None) -> Model:
+    from medseg.bundled import default_model_dir
+    from medseg.model import Model, load_model
+
+    if isinstance(model, Model):
+        return model
+    return load_model(model if model is not None else default_model_dir())
+
+
+def _run(
+    discovery: Discovery,
+    output_dir: Path,
+    model: Model,
+    options: object,
+    inference: InferenceOptions,
+    progress: RunProgress | None,
+) -> RunReport:
+    from medseg.batch.merge import merge_shard_reports
+    from medseg.batch.runner import BatchRunner
+    from medseg.inference.predictor import make_predictor
+
+    runner = BatchRunner(make_predictor(model, inference), output_dir, options, model.sha256)
+    report = runner.run(discovery, progress)
+    count = options.shard[1]
+    if count > 1:
+        merged = merge_shard_reports(output_dir, count)
+        if merged is not None:
+            report = replace(report, path=merged)
+    return report
+
+
+def torchrun_shard() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) when started by torchrun with several processes, else None."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return (rank, world) if world > 1 else None
+
+
+def torchrun_device(device: str) -> str:
+    """Under torchrun each rank takes its own GPU (cuda:LOCAL_RANK) when the device is auto."""
+    if device != "auto" or "LOCAL_RANK" not in os.environ:
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"

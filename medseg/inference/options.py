@@ -1,0 +1,64 @@
+"""How to run the network (device, batch size, precision), without importing torch.
+
+The command line validates its options against these names while parsing, before any
+model loads; torch is imported only when a device is resolved.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+# Called with (slices done, slices in the volume) after each batch.
+Progress = Callable[[int, int], None]
+
+
+def check_device(name: str) -> str:
+    """``name`` if it names a device medseg can use ("auto", "cpu", "cuda", "cuda:N")."""
+    if not DEVICE_PATTERN.match(name):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run the network: ``device`` "auto" picks CUDA when present; ``batch_size`` is
+    slices (or sliding windows) per network call, None to size batches by pixel count;
+    ``overlap`` is the sliding-window overlap; ``precision`` "bf16"/"fp16" run the network
+    under autocast (fp32 is exact)."""
+
+    device: str = "auto"
+    batch_size: int | None = None
+    overlap: float = 0.25
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" -> cuda when available else cpu; "cuda" without a GPU raises a clear error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+DEFAULT_INFERENCE = InferenceOptions()
