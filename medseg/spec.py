@@ -79,7 +79,8 @@ class ModelSpec:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        from medseg.transforms.intensity import PRESETS
+        from medseg.inference.postprocess import POSTPROCESS
+        from medseg.transforms.presets import PRESETS
 
         if self.network.out_channels != len(self.labels):
             raise ConfigError(
@@ -99,8 +100,8 @@ class ModelSpec:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if any(not m or "/" in m or "\\" in m or m.startswith(".") for m in self.members):
             raise ConfigError(f"members must be plain sub-folder names, got {list(self.members)}")
-        if self.postprocess not in ("none", "largest_component"):
-            raise ConfigError(f"unknown postprocess {self.postprocess!r}; choose none or largest_component")
+        if self.postprocess not in POSTPROCESS:
+            raise ConfigError(f"unknown postprocess {self.postprocess!r}; choose one of {POSTPROCESS}")
         if self.slice_axis not in SLICE_AXES:
             raise ConfigError(f"unknown slice_axis {self.slice_axis!r}; choose one of {SLICE_AXES}")
         multiple = 2**self.network.depth

@@ -89,6 +89,39 @@ def test_series_uid_picks_one_series(tmp_path, tiny_model_dir, caplog):
     assert main([*args, "--series-uid", "1.2.3.2"]) == 0
     assert [p.name.startswith("b_") for p in out.glob("*.nii.gz")] == [True]
     assert main([*args, "--series-uid", "9.9"]) == 2 and "no DICOM series with UID 9.9" in caplog.text
+    assert "with --list" in caplog.text  # where the UIDs are shown
+
+
+def test_list_shows_each_series_uid(tmp_path, capsys):
+    geometry = make_geometry((16, 16, 4))
+    write_dicom_series(tmp_path / "study" / "a", phantom(geometry.shape), geometry, series_uid="1.2.3.1")
+    write_dicom_series(tmp_path / "study" / "b", phantom(geometry.shape), geometry, series_uid="1.2.3.2")
+    assert main(["segment", "--list", str(tmp_path / "study")]) == 0
+    listing = capsys.readouterr().out
+    assert "uid=1.2.3.1" in listing and "uid=1.2.3.2" in listing
+
+
+def test_run_output_says_each_thing_once(tmp_path, tiny_model_dir, capsys, caplog):
+    """Per-scan line, one summary, a failure's hint once, a run-wide note once, no library noise."""
+    geometry = make_geometry((16, 16, 4))
+    folder = tmp_path / "scans"
+    write_dicom_series(folder / "series", phantom(geometry.shape), geometry)
+    for name in ("a", "b"):
+        write_nifti(folder / f"{name}.nii.gz", phantom(geometry.shape), geometry)
+    (folder / "broken.nii.gz").write_bytes(b"not a nifti")
+    args = ["segment", str(folder), "-o", str(tmp_path / "out"), "--model", str(tiny_model_dir)]
+    assert main([*args, "--formats", "nifti,dicom-seg"]) == 3
+    out, err = capsys.readouterr()
+    logged = caplog.text
+    assert out.count("ok      ") == 3 and "a -> " in out
+    assert logged.count("FAILED  broken") == 1
+    assert logged.count("re-export or re-copy it") == 1  # the hint, once
+    assert logged.count("dicom-seg: written for DICOM inputs only; 3 of 4 scan(s) are not DICOM") == 1
+    assert "4 scan(s): 3 ok, 1 failed, 0 skipped" in logged and "report: " in logged
+    assert "copy attributes" not in logged + err  # highdicom's INFO chatter
+    assert main([*args, "--formats", "nifti,dicom-seg", "--quiet"]) == 3
+    out, _ = capsys.readouterr()
+    assert out == "" and caplog.text.count("FAILED  broken") == 2  # once more for the second run
 
 
 @pytest.fixture

@@ -1,0 +1,225 @@
+"""``medseg.segment``: the one library entry point; what a run shows as it goes; one read path
+and one naming rule that ``evaluate`` follows for every input kind."""
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_geometry, phantom, rotation, threshold_model, write_dicom_series, write_itk, write_nifti
+
+import medseg
+from medseg.batch.merge import merge_shard_reports
+from medseg.errors import ScanError
+from medseg.evaluation.report import evaluate
+from medseg.io import read_scan
+
+LOW, HIGH = 0.3, 0.7
+
+
+@pytest.fixture
+def model():
+    return threshold_model(LOW, HIGH)
+
+
+def _nifti_folder(root, n=3):
+    g = make_geometry((18, 20, 7), (0.9, 0.8, 2.5), direction=rotation((5, 0, 10)))
+    root.mkdir(parents=True)
+    for i in range(n):
+        write_nifti(root / f"case_{i}.nii.gz", phantom(g.shape, seed=i), g)
+    return root
+
+
+def test_segment_is_exported_and_returns_the_report(tmp_path, model):
+    folder = _nifti_folder(tmp_path / "scans")
+    report = medseg.segment(folder, tmp_path / "out", model, formats="nifti")
+    assert isinstance(report, medseg.RunReport)
+    assert [r.status for r in report.records] == ["ok"] * 3
+    assert report.path == tmp_path / "out" / "medseg-run.json"
+    saved = json.loads(report.path.read_text())
+    assert [s["name"] for s in saved["scans"]] == [r.name for r in report.records]
+    assert report.summary_line().startswith("3 scan(s): 3 ok, 0 failed, 0 skipped")
+    # Resume: the same call keeps what is done.
+    again = medseg.segment(folder, tmp_path / "out", model, formats="nifti")
+    assert [r.status for r in again.records] == ["skipped"] * 3
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"formats": "nifti,bogus"}, "unknown output format 'bogus'"),
+        ({"shard": (3, 2)}, "0 <= I < N"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"device": "gpu"}, "device must be"),
+        ({"dicom_seg_type": "bitmap"}, "DICOM SEG type"),
+        ({"probabilities": "float16"}, "probability encoding"),
+    ],
+)
+def test_bad_options_raise_before_discovery(tmp_path, model, monkeypatch, options, needle):
+    import medseg.io.discover
+
+    monkeypatch.setattr(medseg.io.discover, "discover", lambda *a: pytest.fail("discovery ran"))
+    with pytest.raises(ValueError, match=needle):
+        medseg.segment(tmp_path / "nowhere", tmp_path / "out", model, **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_input_and_empty_folder_name_the_path(tmp_path, model):
+    with pytest.raises(ScanError, match="nowhere: does not exist"):
+        medseg.segment(tmp_path / "nowhere", tmp_path / "out", model)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ScanError, match=r"empty: holds no scan medseg can read \(.*notes.txt: not a scan"):
+        medseg.segment(tmp_path / "empty", tmp_path / "out", model)
+    assert not (tmp_path / "out").exists()
+
+
+class _Watcher(medseg.RunProgress):
+    """Holds up the second scan's inference until the first scan's record has arrived."""
+
+    def __init__(self, out):
+        self.out = out
+        self.first_done = threading.Event()
+        self.scans_started = 0
+        self.seen_in_report = []
+        self.events = []
+
+    def slices_done(self, done, total):
+        self.events.append(("slices", done, total))
+        if done == 0:
+            self.scans_started += 1
+            if self.scans_started == 2:
+                # Under the old runner the first record arrived only after this inference: wait.
+                self.first_done.wait(timeout=20)
+
+    def scan_done(self, record):
+        self.events.append(("scan", record.name))
+        report = json.loads((self.out / "medseg-run.json").read_text())
+        self.seen_in_report.append(record.name in [s["name"] for s in report["scans"]])
+        assert all((self.out / p).is_file() for p in record.outputs.values())
+        self.first_done.set()
+
+
+def test_each_record_arrives_as_soon_as_its_outputs_are_written(tmp_path, model):
+    out = tmp_path / "out"
+    watcher = _Watcher(out)
+    medseg.segment(_nifti_folder(tmp_path / "scans"), out, model, formats="nifti", progress=watcher)
+    assert watcher.seen_in_report == [True, True, True]  # in the report file when announced
+    second_start = [i for i, e in enumerate(watcher.events) if e[0] == "slices" and e[1] == 0][1]
+    second_end = next(i for i, e in enumerate(watcher.events) if i > second_start and e[0] == "slices" and e[1] == e[2])
+    first_record = watcher.events.index(("scan", "case_0"))
+    assert first_record < second_end  # scan 1 is announced while scan 2 is still being segmented
+
+
+def test_slice_progress_totals_for_ensembles_and_single_batches():
+    from dataclasses import replace
+
+    from medseg.inference import make_predictor
+    from medseg.inference.segment import segment_volume
+    from medseg.io.volume import Volume
+    from medseg.model import Model
+
+    g = make_geometry((14, 18, 9), (1.0, 1.0, 2.0))
+    volume = Volume(phantom(g.shape)[None], g, Path("phantom"))
+    axial, sagittal = threshold_model(LOW, HIGH, "axial"), threshold_model(LOW, HIGH, "sagittal")
+    ensemble = Model(replace(axial.spec, members=("a", "s")), None, axial.folder, (axial, sagittal))
+    calls = []
+    segment_volume(volume, make_predictor(ensemble), lambda done, total: calls.append((done, total)))
+    assert {total for _, total in calls} == {9 + 14}  # each member's own slice count, summed
+    assert calls[0] == (0, 23) and calls[-1] == (23, 23)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    calls.clear()
+    segment_volume(volume, make_predictor(axial), lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 9), (9, 9)]  # one batch: the bar starts at 0 and ends full
+
+
+def test_shard_parts_merge_once_and_the_report_names_the_merged_file(tmp_path, model, caplog):
+    folder = _nifti_folder(tmp_path / "scans", n=4)
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="medseg")
+    first = medseg.segment(folder, out, model, formats="nifti", shard=(0, 2))
+    assert first.path.name == "medseg-run.part0of2.json"  # the other shard has not finished
+    second = medseg.segment(folder, out, model, formats="nifti", shard=(1, 2))
+    assert second.path == out / "medseg-run.json"
+    assert len(json.loads(second.path.read_text())["scans"]) == 4
+    assert merge_shard_reports(out, 2) == out / "medseg-run.json"  # a second finisher: no new merge
+    assert caplog.text.count("merged 2 shard reports") == 1
+
+
+def _multiframe(path, source):
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    ds.NumberOfFrames = 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path)
+    return path
+
+
+def test_multiframe_dicom_is_judged_the_same_by_every_reader(tmp_path, model):
+    g = make_geometry((12, 10, 4))
+    slices = write_dicom_series(tmp_path / "series", np.round(phantom(g.shape)), g)
+    enhanced = _multiframe(tmp_path / "scans" / "enhanced.dcm", slices[0])
+    with pytest.raises(ScanError, match="multi-frame"):
+        read_scan(enhanced)
+    write_nifti(tmp_path / "scans" / "ok.nii.gz", phantom(g.shape), g)
+    report = medseg.segment(tmp_path / "scans", tmp_path / "out", model, formats="nifti")
+    assert [r.name for r in report.records] == ["ok"]
+    (skipped,) = report.skipped_files
+    assert skipped["path"].endswith("enhanced.dcm") and "multi-frame" in skipped["reason"]
+
+
+def _labels_for(image_geometry, seed):
+    """A label map 0/1/2 on the grid (its agreement with predictions does not matter here)."""
+    values = phantom(image_geometry.shape, seed=seed)
+    return ((values > np.median(values)).astype(np.uint8) + (values > np.percentile(values, 90))).astype(np.uint8)
+
+
+def test_evaluate_finds_outputs_for_every_input_kind(tmp_path, model):
+    """NIfTI, NRRD, MHA, a DICOM folder and one series of a two-series folder, segmented as a
+    tree (names carry the relative path) or one by one: evaluate finds each case's output."""
+    g = make_geometry((16, 18, 6), (0.9, 0.8, 2.0), direction=rotation((0, 0, 12)))
+    data, labels = tmp_path / "data", tmp_path / "labels"
+    cases = []
+    write_nifti((data / "nii").mkdir(parents=True) or data / "nii" / "a.nii.gz", phantom(g.shape, seed=1), g)
+    cases.append({"image": "data/nii/a.nii.gz"})
+    write_itk(data / "b.nrrd", phantom(g.shape, seed=2), g)
+    cases.append({"image": "data/b.nrrd"})
+    write_itk(data / "c.mha", phantom(g.shape, seed=3), g)
+    cases.append({"image": "data/c.mha"})
+    write_dicom_series(data / "dicom" / "d", np.round(phantom(g.shape, seed=4) * 100), g)
+    cases.append({"image": "data/dicom/d"})
+    uid = "1.2.826.0.1.3680043.8.498.777"
+    write_dicom_series(data / "study", np.round(phantom(g.shape, seed=5) * 100), g, series_uid=uid, description="T1")
+    write_dicom_series(data / "study", np.round(phantom(g.shape, seed=6) * 100), g, description="T2", prefix="t2_")
+    cases.append({"image": "data/study", "series_uid": uid})
+    labels.mkdir()
+    for i, case in enumerate(cases):
+        case["label"] = f"labels/case{i}.nii.gz"
+        write_nifti(tmp_path / case["label"], _labels_for(g, i).astype(np.float32), g)
+    manifest = tmp_path / "manifest.json"
+    names = {"0": "background", "1": "low", "2": "high"}
+    manifest.write_text(json.dumps({"labels": names, "validation": cases}))
+    from medseg.data.manifest import load_manifest
+
+    load_manifest(manifest)  # a DICOM folder (and one of its series) is a valid case image
+
+    tree = tmp_path / "tree"
+    medseg.segment(data, tree, model, formats="nifti")  # the whole tree: names like nii__a
+    result = evaluate(tree, manifest, tmp_path / "report-tree")
+    assert result.problems == [] and len(result.rows) == 2 * len(cases)
+
+    one_by_one = tmp_path / "each"
+    for case in cases:
+        request = medseg.ScanInput(tmp_path / case["image"], case.get("series_uid"))
+        medseg.segment(request, one_by_one, model, formats="nifti")
+    (one_by_one / "medseg-run.json").unlink()  # no report: the naming rule alone finds them
+    (one_by_one / "medseg-run.csv").unlink()
+    result = evaluate(one_by_one, manifest, tmp_path / "report-each")
+    assert result.problems == [] and len(result.rows) == 2 * len(cases)
+    # Same scores either way: the same scans were found.
+    tree_rows = evaluate(tree, manifest, tmp_path / "again").rows
+    for metric in ("dice", "hd95_mm", "nsd"):
+        np.testing.assert_array_equal([r[metric] for r in result.rows], [r[metric] for r in tree_rows])
