@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 
 from medseg.batch.progress import RunProgress
 from medseg.batch.report import RunReport
-from medseg.errors import ScanError
+from medseg.errors import FileProblem, ScanError
 from medseg.inference.options import InferenceOptions
 from medseg.io.discover import Discovery, ScanInput, discover_all
 from medseg.io.formats import DEFAULT_FORMATS, WriteOptions, parse_formats
 
 if TYPE_CHECKING:
+    from medseg.batch.runner import BatchOptions
     from medseg.model import Model
 
 logger = logging.getLogger(__name__)
@@ -78,13 +79,14 @@ def segment(
     names = parse_formats(formats)
     if probabilities is not None:
         names = (*names, "probabilities")
-    from medseg.batch.runner import BatchOptions
-
-    options = BatchOptions(names, overwrite, shard or (0, 1), WriteOptions(dicom_seg_type, probabilities or "uint8"))
+    write = WriteOptions(dicom_seg_type, probabilities or "uint8")
     inference = InferenceOptions(device=device, batch_size=batch_size, precision=precision)
+    from medseg.batch.runner import BatchOptions  # torch and MONAI load here, after the cheap checks
+
+    options = BatchOptions(names, overwrite, shard or (0, 1), write)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise ScanError(output_dir, "is a file, not a folder", "give -o a folder (it is created if missing)")
+        raise FileProblem(output_dir, "is a file, not a folder", "give -o a folder (it is created if missing)")
     discovery = discover_all(_as_list(inputs), series_uid)
     if not discovery.scans:
         raise _nothing_found(discovery)
@@ -118,7 +120,7 @@ def _run(
     discovery: Discovery,
     output_dir: Path,
     model: Model,
-    options: object,
+    options: BatchOptions,
     inference: InferenceOptions,
     progress: RunProgress | None,
 ) -> RunReport:
