@@ -36,16 +36,24 @@ class Model:
     network: nn.Module | None
     folder: Path
     members: tuple[Model, ...] = ()
+    weights_digest: str = ""  # sha256 of the weights file as loaded
 
     @property
     def sha256(self) -> str:
-        """Identifies the weights (for an ensemble, all members' and how they are combined)."""
-        if not self.members:
-            return self.spec.weights_sha256 or ""
+        """Identifies what the model computes: its weights and every setting of model.json that
+        changes outputs (slice axis, window, preset, post-processing...; not its name or
+        provenance), and for an ensemble all members' and how they are combined. Resume keys
+        on it, so editing model.json redoes the scans."""
         import hashlib
+        import json
 
-        joined = "|".join([*(m.sha256 for m in self.members), self.spec.postprocess])
-        return hashlib.sha256(joined.encode()).hexdigest()
+        settings = {k: v for k, v in self.spec.to_dict().items() if k not in _NOT_COMPUTATION}
+        parts = [self.weights_digest, json.dumps(settings, sort_keys=True), *(m.sha256 for m in self.members)]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+# model.json entries that do not change what a model computes.
+_NOT_COMPUTATION = ("name", "provenance", "weights", "weights_sha256", "format_version")
 
 
 # Largest magnitude stored as float16 with room to spare (its maximum is 65504).
@@ -151,7 +159,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
             "is missing (model.json names it as the weights file)",
             "re-copy the model folder",
         )
-    if spec.weights_sha256 and file_digest(weights) != spec.weights_sha256:
+    digest = file_digest(weights)
+    if spec.weights_sha256 and digest != spec.weights_sha256:
         raise ModelError(
             weights,
             "does not match the checksum in model.json (changed or corrupted after saving)",
@@ -182,7 +191,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
         )
     network.load_state_dict(state)
     network.to(device).eval()
-    return Model(spec=spec, network=network, folder=folder)
+    return Model(spec=spec, network=network, folder=folder, weights_digest=digest)
 
 
 def _load_ensemble(folder: Path, spec: ModelSpec, device: str | torch.device) -> Model:

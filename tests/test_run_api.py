@@ -11,6 +11,7 @@ import pytest
 from helpers import make_geometry, phantom, rotation, threshold_model, write_dicom_series, write_itk, write_nifti
 
 import medseg
+import medseg.errors
 from medseg.batch.merge import merge_shard_reports
 from medseg.errors import ScanError
 from medseg.evaluation.report import evaluate
@@ -143,6 +144,7 @@ def test_shard_parts_merge_once_and_the_report_names_the_merged_file(tmp_path, m
     assert first.path.name == "medseg-run.part0of2.json"  # the other shard has not finished
     second = medseg.segment(folder, out, model, formats="nifti", shard=(1, 2))
     assert second.path == out / "medseg-run.json"
+    assert len(second.records) == 4 and second.summary_line().startswith("4 scan(s): 4 ok")  # the whole run
     assert len(json.loads(second.path.read_text())["scans"]) == 4
     assert merge_shard_reports(out, 2) == out / "medseg-run.json"  # a second finisher: no new merge
     assert caplog.text.count("merged 2 shard reports") == 1
@@ -223,3 +225,52 @@ def test_evaluate_finds_outputs_for_every_input_kind(tmp_path, model):
     tree_rows = evaluate(tree, manifest, tmp_path / "again").rows
     for metric in ("dice", "hd95_mm", "nsd"):
         np.testing.assert_array_equal([r[metric] for r in result.rows], [r[metric] for r in tree_rows])
+
+
+def test_inputs_in_the_output_folder_are_refused_and_never_overwritten(tmp_path, model):
+    folder = _nifti_folder(tmp_path / "scans", n=2)
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    for out in (folder, tmp_path):  # the input folder itself, or a folder above it
+        with pytest.raises(medseg.errors.FileProblem, match="could overwrite the scans"):
+            medseg.segment(folder, out, model, formats="nifti")
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_an_output_folder_inside_the_input_tree_is_not_segmented_next_time(tmp_path, model):
+    folder = _nifti_folder(tmp_path / "scans", n=2)
+    out = folder / "out"
+    medseg.segment(folder, out, model, formats="nifti")
+    again = medseg.segment(folder, out, model, formats="nifti")
+    assert sorted(r.name for r in again.records) == ["case_0", "case_1"]
+    assert {r.status for r in again.records} == {"skipped"}
+    assert any("inside the output folder" in s["reason"] for s in again.skipped_files)
+
+
+def test_start_up_clean_up_removes_only_this_runs_temporaries(tmp_path, model):
+    folder = _nifti_folder(tmp_path / "scans", n=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / ".case_0.nii.gz.0badc0de.tmp.nii.gz"  # left by a killed run of this scan
+    users = [out / ".notes.tmp.txt", out / ".backup.tmp", out / ".other.nii.gz.0badc0de.tmp.nii.gz"]
+    for path in (mine, *users):
+        path.write_text("x")
+    medseg.segment(folder, out, model, formats="nifti")
+    assert not mine.exists() and all(p.exists() for p in users)
+
+
+def test_resume_redoes_scans_after_model_json_changes_or_an_output_is_emptied(tmp_path, tiny_model_dir):
+    import shutil as sh
+
+    folder = _nifti_folder(tmp_path / "scans", n=2)
+    model_dir = tmp_path / "model"
+    sh.copytree(tiny_model_dir, model_dir)
+    out = tmp_path / "out"
+    medseg.segment(folder, out, model_dir, formats="nifti")
+    (out / "case_0.nii.gz").write_bytes(b"")  # emptied since
+    again = {r.name: r.status for r in medseg.segment(folder, out, model_dir, formats="nifti").records}
+    assert again == {"case_0": "ok", "case_1": "skipped"}
+    spec = json.loads((model_dir / "model.json").read_text())
+    spec["postprocess"] = "largest_component"  # same weights, other outputs
+    (model_dir / "model.json").write_text(json.dumps(spec))
+    redone = {r.name: r.status for r in medseg.segment(folder, out, model_dir, formats="nifti").records}
+    assert redone == {"case_0": "ok", "case_1": "ok"}

@@ -132,6 +132,21 @@ def load_records(out_dir: Path, name: str = REPORT_JSON) -> dict[str, ScanRecord
     return {r.name: r for r in records}
 
 
+def load_report(path: Path) -> RunReport:
+    """The RunReport written at ``path`` (a merged shard report, say), for its counts."""
+    data = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(ScanRecord)}
+    records = [ScanRecord(**{k: v for k, v in s.items() if k in known}) for s in data["scans"]]
+    return RunReport(
+        records=records,
+        skipped_files=data.get("non_scan_files", []),
+        settings=data.get("settings", {}),
+        notes=data.get("notes", []),
+        path=path,
+        seconds=float(data.get("summary", {}).get("seconds", 0.0)),
+    )
+
+
 def environment() -> dict[str, str]:
     """Versions and machine, for the report."""
     import monai

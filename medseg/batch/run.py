@@ -11,15 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg.batch.progress import RunProgress
-from medseg.batch.report import RunReport
+from medseg.batch.report import RunReport, load_report
 from medseg.errors import FileProblem, ScanError
 from medseg.inference.options import InferenceOptions
-from medseg.io.discover import Discovery, ScanInput, discover_all
+from medseg.io.discover import Discovery, ScanInput, ScanSource, Skipped, discover_all
 from medseg.io.formats import DEFAULT_FORMATS, WriteOptions, parse_formats
 
 if TYPE_CHECKING:
@@ -87,7 +86,9 @@ def segment(
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileProblem(output_dir, "is a file, not a folder", "give -o a folder (it is created if missing)")
-    discovery = discover_all(_as_list(inputs), series_uid)
+    requests = _as_list(inputs)
+    _refuse_inputs_inside(output_dir, requests)
+    discovery = _without_outputs(discover_all(requests, series_uid), output_dir)
     if not discovery.scans:
         raise _nothing_found(discovery)
     return _run(discovery, output_dir, _loaded(model), options, inference, progress)
@@ -95,6 +96,38 @@ def segment(
 
 def _as_list(inputs: Inputs) -> list[str | Path | ScanInput]:
     return [inputs] if isinstance(inputs, str | Path | ScanInput) else list(inputs)
+
+
+def _refuse_inputs_inside(output_dir: Path, requests: list[str | Path | ScanInput]) -> None:
+    """An input that is the output folder or inside it would be overwritten by its own
+    outputs (``scan.nii.gz`` -> ``scan.nii.gz``): refuse before anything is read."""
+    out = output_dir.resolve()
+    for request in requests:
+        path = Path(request.path if isinstance(request, ScanInput) else request).resolve()
+        if path == out or out in path.parents:
+            raise FileProblem(
+                output_dir,
+                f"holds the input {request if not isinstance(request, ScanInput) else request.path}: "
+                "outputs written there could overwrite the scans",
+                "choose an output folder outside the inputs",
+            )
+
+
+def _without_outputs(discovery: Discovery, output_dir: Path) -> Discovery:
+    """``discovery`` less what lies in the output folder (when that folder is inside an input
+    tree): medseg's own outputs are not scans to segment on the next run."""
+    out = output_dir.resolve()
+
+    def inside(scan: ScanSource) -> bool:
+        files = [s.path for s in scan.series.slices] if scan.series is not None else [scan.path]
+        return any(out in f.resolve().parents for f in files)
+
+    outputs = [s for s in discovery.scans if inside(s)]
+    if not outputs:
+        return discovery
+    skipped = [Skipped(s.path, "inside the output folder (medseg's outputs are not scans)") for s in outputs]
+    scans = tuple(s for s in discovery.scans if not inside(s))
+    return Discovery(discovery.root, scans, (*discovery.skipped, *skipped))
 
 
 def _nothing_found(discovery: Discovery) -> ScanError:
@@ -133,8 +166,8 @@ def _run(
     count = options.shard[1]
     if count > 1:
         merged = merge_shard_reports(output_dir, count)
-        if merged is not None:
-            report = replace(report, path=merged)
+        if merged is not None:  # the last shard to finish answers for the whole run
+            report = load_report(merged)
     return report
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -70,11 +71,21 @@ class BatchOptions:
         return "medseg-run.json" if count == 1 else f"medseg-run.part{index}of{count}.json"
 
 
-def remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete temporary files a killed run left (never a finished output: those are renamed)."""
+# atomic_path's temporary names: ".{final name}.{8 hex digits}.tmp{suffixes}".
+_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.[0-9a-f]{8}\.tmp(\.[^/]*)?$")
+
+
+def remove_stale_temporaries(out_dir: Path, finals: set[str]) -> None:
+    """Delete the temporary files a killed run left for the outputs named ``finals``.
+
+    Only medseg's own temporary names of this run's files qualify: a user's file, or the
+    in-flight temporary of another shard writing into the same folder, is left alone.
+    """
     for tmp in out_dir.glob(".*.tmp*"):
-        logger.info("removing %s left by an interrupted run", tmp.name)
-        tmp.unlink(missing_ok=True)
+        match = _TEMPORARY.match(tmp.name)
+        if match and match["final"] in finals and tmp.is_file():
+            logger.info("removing %s left by an interrupted run", tmp.name)
+            tmp.unlink(missing_ok=True)
 
 
 def fingerprint(scan: ScanSource, model_hash: str, options: BatchOptions) -> str:
@@ -154,7 +165,7 @@ class BatchRunner:
         report = self._new_report(discovery, mine)
         previous = {} if self.options.overwrite else load_records(self.out_dir, self.report_name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out_dir)
+        remove_stale_temporaries(self.out_dir, self._finals(mine))
         report.write(self.out_dir, self.report_name)  # the run is on record before its first scan
         progress.run_started(len(mine))
 
@@ -178,6 +189,17 @@ class BatchRunner:
         if "qc" in self.options.formats:
             write_index(report, self.out_dir)
         return report
+
+    def _planned(self, scan: ScanSource) -> dict[str, Path]:
+        """The output files of ``scan``, by output key."""
+        labels = self.predictor.model.spec.labels
+        return output_files(self.options.formats, scan.name, self.out_dir, labels, scan.series is not None)
+
+    def _finals(self, scans: tuple[ScanSource, ...]) -> set[str]:
+        """File names this run may write: its scans' outputs and its report."""
+        names = {p.name for scan in scans for p in self._planned(scan).values()}
+        report = Path(self.report_name)
+        return names | {report.name, report.with_suffix(".csv").name, "index.html"}
 
     def _new_report(self, discovery: Discovery, mine: tuple[ScanSource, ...]) -> RunReport:
         index, count = self.options.shard
@@ -271,8 +293,8 @@ class BatchRunner:
         if before is None or before.status not in ("ok", "skipped") or before.fingerprint != key:
             return None
         expected = [Path(p) for p in before.outputs.values()]
-        if not expected or not all(p.is_file() for p in expected):
-            return None
+        if not expected or not all(p.is_file() and p.stat().st_size > 0 for p in expected):
+            return None  # an output was removed or emptied since: redo the scan
         logger.debug("%s: done before, skipped", scan.name)
         return dataclasses.replace(before, status="skipped")
 
@@ -296,7 +318,7 @@ class BatchRunner:
     def _finish_write(self, job: _Job) -> ScanRecord:
         scan, volume = job.scan, job.volume
         spec = self.predictor.model.spec
-        paths = output_files(self.options.formats, scan.name, self.out_dir, spec.labels, scan.series is not None)
+        paths = self._planned(scan)
         seg = Segmentation(job.labels, volume, spec.labels, spec.name, scan.series, job.probabilities)
         start = time.perf_counter()
         try:
