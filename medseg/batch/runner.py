@@ -322,7 +322,7 @@ class BatchRunner:
         seg = Segmentation(job.labels, volume, spec.labels, spec.name, scan.series, job.probabilities)
         start = time.perf_counter()
         try:
-            warnings = write_outputs(seg, self.options.formats, paths, self.options.write)
+            warnings = [*volume.notes, *write_outputs(seg, self.options.formats, paths, self.options.write)]
             if not job.labels.any():
                 warnings.append(
                     "no voxel was labelled: check that the scan shows what the model was trained on "

@@ -6,6 +6,7 @@ naming the file, anything that is not a 3D scan with finite intensities.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -63,16 +64,18 @@ def _read_nifti(path: Path) -> Volume:
         ) from err
     header = img.header
     qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+    notes = ()
     if qcode > 0 and scode > 0 and not np.allclose(img.get_qform(), img.get_sform(), atol=1e-3):
         # nibabel and MONAI follow the sform, SimpleITK the qform: say which one we use.
-        logger.warning("%s: qform and sform disagree; using the sform (as nibabel and MONAI do)", path)
+        notes = ("qform and sform disagree; the sform was used (as nibabel and MONAI do; SimpleITK uses the qform)",)
+        logger.debug("%s: %s", path, notes[0])
     spatial = array.shape[:3]
     # Dimensions past the third (time, vector components) become channels.
     array = array.reshape(*spatial, -1) if array.ndim > 3 else array[..., None]
     if array.ndim < 4 or len(spatial) < 3:
         raise _not_3d(path, img.shape)
     geometry = Geometry.from_affine_ras(img.affine, spatial)
-    return Volume(np.ascontiguousarray(np.moveaxis(array, -1, 0)), geometry, path)
+    return Volume(np.ascontiguousarray(np.moveaxis(array, -1, 0)), geometry, path, notes=notes)
 
 
 def _read_itk(path: Path) -> Volume:
@@ -128,6 +131,8 @@ def checked(volume: Volume) -> Volume:
                 "holds no finite intensity: every voxel is NaN or infinite",
                 "the scan is empty or was written wrongly; re-export it",
             )
-        logger.warning("%s: %d NaN/infinite voxels set to the volume minimum", path, bad)
+        note = f"{bad} NaN/infinite voxel(s) ({100 * bad / finite.size:.2g}%) set to the volume minimum"
+        logger.debug("%s: %s", path, note)
         np.copyto(volume.array, volume.array[finite].min(), where=~finite)
+        volume = dataclasses.replace(volume, notes=(*volume.notes, note))
     return volume

@@ -86,13 +86,16 @@ class Volume:
     """A scan as read from disk: ``array`` (C, X, Y, Z) float32 on ``geometry``'s grid.
 
     ``source`` is the file or DICOM series folder it came from; ``description`` is a short
-    human label (DICOM series description, or empty).
+    human label (DICOM series description, or empty); ``notes`` are what the reader changed
+    or doubts (replaced NaNs, a qform/sform disagreement...), which run reports show as
+    warnings of the scan.
     """
 
     array: np.ndarray
     geometry: Geometry
     source: Path
     description: str = ""
+    notes: tuple[str, ...] = ()  # what reading changed or doubted (NaNs replaced...): the record's warnings
 
     def __post_init__(self) -> None:
         if self.array.ndim != 4 or tuple(self.array.shape[1:]) != tuple(self.geometry.shape):
