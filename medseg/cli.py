@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,6 +34,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from err
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _uid(text: str) -> str:
+    """A DICOM UID: digits and dots (what --list shows)."""
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", text.strip()):
+        raise argparse.ArgumentTypeError(f"must be a DICOM UID such as 1.2.840.113619.2.5 (see --list), got {text!r}")
+    return text.strip()
 
 
 def _pair(kind: type) -> Callable[[str], tuple]:
@@ -133,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, default=None, help="slices per network call (default: by slice size)"
     )
     seg.add_argument("--precision", choices=PRECISIONS, default="fp32", help="network arithmetic (autocast)")
-    seg.add_argument("--series-uid", help="segment only this DICOM series (UIDs: see --list)")
+    seg.add_argument("--series-uid", type=_uid, help="segment only this DICOM series (UIDs: see --list)")
 
     init = sub.add_parser("init-model", help="write an untrained model folder", formatter_class=formatter)
     init.add_argument("-o", "--output", type=Path, required=True, help="model folder to create")
@@ -185,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--manifest", type=Path, required=True, help="dataset manifest with the labels")
     ev.add_argument("--split", default="validation", choices=SPLITS, help="which cases")
     ev.add_argument("-o", "--output", type=Path, required=True, help="report folder")
-    ev.add_argument("--tolerance-mm", type=float, default=1.0, help="surface Dice tolerance")
+    ev.add_argument("--tolerance-mm", type=_positive_float, default=1.0, help="surface Dice tolerance")
     ev.add_argument("--data-root", type=Path, help="resolve manifest paths against this folder")
     return parser
 

@@ -124,7 +124,8 @@ def test_slice_progress_totals_for_ensembles_and_single_batches():
 
     g = make_geometry((14, 18, 9), (1.0, 1.0, 2.0))
     volume = Volume(phantom(g.shape)[None], g, Path("phantom"))
-    axial, sagittal = threshold_model(LOW, HIGH, "axial"), threshold_model(LOW, HIGH, "sagittal")
+    axial = threshold_model(LOW, HIGH, "axial", window=(64, 64))
+    sagittal = threshold_model(LOW, HIGH, "sagittal", window=(64, 64))
     ensemble = Model(replace(axial.spec, members=("a", "s")), None, axial.folder, (axial, sagittal))
     calls = []
     segment_volume(volume, make_predictor(ensemble), lambda done, total: calls.append((done, total)))
@@ -274,3 +275,18 @@ def test_resume_redoes_scans_after_model_json_changes_or_an_output_is_emptied(tm
     (model_dir / "model.json").write_text(json.dumps(spec))
     redone = {r.name: r.status for r in medseg.segment(folder, out, model_dir, formats="nifti").records}
     assert redone == {"case_0": "ok", "case_1": "ok"}
+
+
+def test_automatic_batches_count_the_padded_window_not_the_slice():
+    """A thin 32x32 slice padded to a 512 window costs 512x512 pixels of network work: the
+    automatic batch size must see that, or 256 slices of 512x512 go through at once."""
+    import torch
+
+    from medseg.inference import SlicePredictor
+    from medseg.inference.predictor import auto_batch_size
+
+    predictor = SlicePredictor(threshold_model(LOW, HIGH, window=(512, 512)))
+    pixels = predictor._network_pixels((32, 32))
+    assert pixels == 512 * 512
+    assert auto_batch_size(torch.device("cpu"), pixels) == 1
+    assert predictor._network_pixels((600, 700)) == 600 * 700  # sliding window: the slice itself

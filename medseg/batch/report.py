@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -29,7 +30,11 @@ STAGES = ("discover", "read", "preprocess", "infer", "write")
 
 @dataclass(frozen=True)
 class ScanRecord:
-    """What happened to one scan. ``status``: "ok", "failed" or "skipped" (done before)."""
+    """What happened to one scan. ``status``: "ok", "failed" or "skipped" (done before);
+    ``warnings`` why an "ok" result may still mislead (empty, outside the model's training
+    data, NaNs replaced...); ``volumes_ml`` millilitres per foreground label; ``input_key``
+    identifies the input files as they were read (see :func:`input_key`); ``fingerprint``
+    that plus the model and output options (resume)."""
 
     name: str
     input: str
@@ -47,6 +52,8 @@ class ScanRecord:
     hint: str = ""
     warnings: tuple[str, ...] = ()
     fingerprint: str = ""
+    input_key: str = ""
+    volumes_ml: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,9 +85,11 @@ class RunReport:
     def summary_line(self) -> str:
         """One line: how many scans ended how, and the time taken."""
         c = self.counts()
+        doubted = sum(bool(r.warnings) for r in self.records if r.status != "failed")
         return (
             f"{len(self.records)} scan(s): {c['ok']} ok, {c['failed']} failed, "
             f"{c['skipped']} skipped (done before) in {self.seconds:.1f} s"
+            + (f"; {doubted} with warnings (see the per-scan lines or the report)" if doubted else "")
         )
 
     def write(self, out_dir: Path, name: str = REPORT_JSON) -> None:
@@ -99,8 +108,6 @@ class RunReport:
             "scans": [dataclasses.asdict(r) for r in self.records],
             "non_scan_files": self.skipped_files,
         }
-        with atomic_path(out_dir / name) as tmp:
-            tmp.write_text(json.dumps(payload, indent=1) + "\n")
         buffer = io.StringIO()
         columns = [f.name for f in dataclasses.fields(ScanRecord)]
         writer = csv.DictWriter(buffer, fieldnames=columns)
@@ -112,9 +119,14 @@ class RunReport:
             row["spacing"] = "x".join(f"{s:.6g}" for s in r.spacing)
             row["warnings"] = " | ".join(r.warnings)
             row["timings"] = ";".join(f"{k}={v:.3f}" for k, v in r.timings.items())
+            row["volumes_ml"] = ";".join(f"{k}={v:.3f}" for k, v in r.volumes_ml.items())
             writer.writerow(row)
         with atomic_path(out_dir / Path(name).with_suffix(".csv").name) as tmp:
             tmp.write_text(buffer.getvalue())
+        # The JSON last: it is what resume and evaluate read, so it never names a record
+        # whose other report file could not be written.
+        with atomic_path(out_dir / name) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def load_records(out_dir: Path, name: str = REPORT_JSON) -> dict[str, ScanRecord]:
@@ -130,6 +142,15 @@ def load_records(out_dir: Path, name: str = REPORT_JSON) -> dict[str, ScanRecord
         logger.warning("%s: unreadable earlier report (%s); redoing every scan", path, err)
         return {}
     return {r.name: r for r in records}
+
+
+def input_key(files: list[Path]) -> str:
+    """Changes when any of ``files`` (the scan's input files) changes: path, size, time."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_report(path: Path) -> RunReport:

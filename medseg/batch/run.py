@@ -8,6 +8,7 @@ and the demo. To segment a volume already in memory, use ``medseg.segment_volume
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Sequence
@@ -80,22 +81,77 @@ def segment(
         names = (*names, "probabilities")
     write = WriteOptions(dicom_seg_type, probabilities or "uint8")
     inference = InferenceOptions(device=device, batch_size=batch_size, precision=precision)
+    requests = _as_list(inputs)
+    _check_arguments(output_dir, overwrite, shard)
     from medseg.batch.runner import BatchOptions  # torch and MONAI load here, after the cheap checks
+    from medseg.inference.options import resolve_device
 
     options = BatchOptions(names, overwrite, shard or (0, 1), write)
+    resolve_device(inference.device)  # "cuda" on a machine without one: said before any work
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise FileProblem(output_dir, "is a file, not a folder", "give -o a folder (it is created if missing)")
-    requests = _as_list(inputs)
     _refuse_inputs_inside(output_dir, requests)
     discovery = _without_outputs(discover_all(requests, series_uid), output_dir)
     if not discovery.scans:
         raise _nothing_found(discovery)
+    _check_formats_apply(names, discovery)
+    _prepare_output_folder(output_dir)
     return _run(discovery, output_dir, _loaded(model), options, inference, progress)
 
 
 def _as_list(inputs: Inputs) -> list[str | Path | ScanInput]:
-    return [inputs] if isinstance(inputs, str | Path | ScanInput) else list(inputs)
+    """``inputs`` as a non-empty list of paths or ScanInputs (TypeError/ValueError otherwise)."""
+    items = [inputs] if isinstance(inputs, str | Path | ScanInput) else inputs
+    if not isinstance(items, Sequence) or isinstance(items, bytes):
+        raise TypeError(f"inputs must be a path, a ScanInput or a list of them, got {type(inputs).__name__}")
+    bad = [i for i in items if not isinstance(i, str | Path | ScanInput)]
+    if bad:
+        raise TypeError(f"inputs must be paths or ScanInputs, got {bad[0]!r}")
+    if not items:
+        raise ValueError("no inputs given: pass scan files, DICOM folders or folders of scans")
+    return list(items)
+
+
+def _check_arguments(output_dir: object, overwrite: object, shard: object) -> None:
+    """Types a Python caller can get wrong, said plainly rather than deep inside."""
+    if not isinstance(output_dir, str | Path) or not str(output_dir):
+        raise TypeError(f"output_dir must be a folder path, got {output_dir!r}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if shard is not None and (
+        not isinstance(shard, tuple | list) or len(shard) != 2 or not all(isinstance(v, int) for v in shard)
+    ):
+        raise TypeError(f"shard must be (index, count), for example (0, 2); got {shard!r}")
+
+
+def _check_formats_apply(names: tuple[str, ...], discovery: Discovery) -> None:
+    """Refuse a run in which no scan can get any of the formats asked for (dicom-seg over
+    NIfTI files): it would report "ok" with nothing written."""
+    from medseg.io.formats import FORMATS
+
+    if any(s.series is not None for s in discovery.scans) or not all(FORMATS[n].dicom_only for n in names):
+        return
+    raise ValueError(
+        f"--formats {','.join(names)} writes DICOM inputs only, and none of the {len(discovery.scans)} scan(s) "
+        "is DICOM; add nifti or seg.nrrd to --formats"
+    )
+
+
+def _prepare_output_folder(output_dir: Path) -> None:
+    """Create the output folder and prove it writable, before the model loads."""
+    probe = output_dir / f".medseg-write-check.{os.getpid()}.tmp"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        full = err.errno == errno.ENOSPC
+        raise FileProblem(
+            output_dir,
+            "is on a full disk" if full else f"cannot be used as the output folder ({err.strerror or err})",
+            "free some space" if full else "choose a folder you can create and write to",
+        ) from err
 
 
 def _refuse_inputs_inside(output_dir: Path, requests: list[str | Path | ScanInput]) -> None:

@@ -10,22 +10,24 @@ that scan's outputs are renamed into place (from the writer thread), not one sca
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from medseg.batch.checks import label_volumes_ml, result_warnings
 from medseg.batch.progress import RunProgress
 from medseg.batch.qc import write_index
-from medseg.batch.report import RunReport, ScanRecord, environment, load_records
-from medseg.errors import FileProblem
+from medseg.batch.report import RunReport, ScanRecord, environment, input_key, load_records
+from medseg.errors import FileProblem, MedsegError
 from medseg.inference.options import Progress
 from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
 from medseg.inference.segment import segment_volume, segment_volume_with_probabilities
@@ -88,18 +90,17 @@ def remove_stale_temporaries(out_dir: Path, finals: set[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def fingerprint(scan: ScanSource, model_hash: str, options: BatchOptions) -> str:
-    """Changes when the input files, the model or the output options change."""
-    files = [s.path for s in scan.series.slices] if scan.series is not None else [scan.path]
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        stat = path.stat()
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+def scan_files(scan: ScanSource) -> list[Path]:
+    """Every file the scan's voxels come from."""
+    return [s.path for s in scan.series.slices] if scan.series is not None else [scan.path]
+
+
+def fingerprint(key: str, model_hash: str, options: BatchOptions) -> str:
+    """Changes when the input files (``key``, see ``input_key``), the model or the output
+    options change."""
     write = options.write
-    digest.update(
-        f"{model_hash}|{sorted(options.formats)}|{write.dicom_seg_type}|{write.probability_encoding}".encode()
-    )
-    return digest.hexdigest()[:16]
+    text = f"{key}|{model_hash}|{sorted(options.formats)}|{write.dicom_seg_type}|{write.probability_encoding}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _hint(err: Exception) -> str:
@@ -149,8 +150,9 @@ class BatchRunner:
         self.out_dir = Path(out_dir)
         self.options = options
         self.model_hash = model_hash
-        self._keys: dict[str, str] = {}  # scan name -> input fingerprint, set when planned
+        self._keys: dict[str, tuple[str, str]] = {}  # scan name -> (input key, fingerprint), when planned
         self._lock = threading.Lock()  # records arrive from the main and the writer thread
+        self._stop: Exception | None = None  # set when going on cannot help (a full disk)
 
     @property
     def report_name(self) -> str:
@@ -166,13 +168,19 @@ class BatchRunner:
         previous = {} if self.options.overwrite else load_records(self.out_dir, self.report_name)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir, self._finals(mine))
-        report.write(self.out_dir, self.report_name)  # the run is on record before its first scan
+        self._save(report)  # the run is on record before its first scan
         progress.run_started(len(mine))
 
         def finish(record: ScanRecord) -> None:
             with self._lock:
                 report.records.append(record)
-                report.write(self.out_dir, self.report_name)
+                try:
+                    self._save(report)
+                except MedsegError:
+                    if record.status == "ok":  # its files must not outlive the missing record
+                        for path in record.outputs.values():
+                            Path(path).unlink(missing_ok=True)
+                    raise
                 progress.scan_done(record)
 
         todo = []
@@ -183,12 +191,27 @@ class BatchRunner:
             else:
                 todo.append(scan)
         self._segment_overlapped(todo, finish, progress.slices_done)
-        report.settings["complete"] = True  # a merge of shard parts waits for this
         report.seconds = round(time.perf_counter() - report.started, 3)
-        report.write(self.out_dir, self.report_name)
+        if self._stop is not None:
+            raise self._stop  # the report holds every record finished so far
+        report.settings["complete"] = True  # a merge of shard parts waits for this
+        self._save(report)
         if "qc" in self.options.formats:
             write_index(report, self.out_dir)
         return report
+
+    def _save(self, report: RunReport) -> None:
+        """Write the report; a failure to do so ends the run with a message naming the file."""
+        try:
+            report.write(self.out_dir, self.report_name)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise DiskFull(self.out_dir) from err
+            raise FileProblem(
+                self.out_dir / self.report_name,
+                f"cannot be written ({err.strerror or err})",
+                "check that the output folder is writable and has free space",
+            ) from err
 
     def _planned(self, scan: ScanSource) -> dict[str, Path]:
         """The output files of ``scan``, by output key."""
@@ -248,11 +271,15 @@ class BatchRunner:
             reads = {0: reader.submit(_timed, read_source, scans[0])} if scans else {}
             writing: Future | None = None
             for i, scan in enumerate(scans):
+                if self._stop is not None:
+                    break
                 if i + 1 < len(scans):
                     reads[i + 1] = reader.submit(_timed, read_source, scans[i + 1])
                 job = self._infer(scan, reads.pop(i), slice_progress)
                 if writing is not None:
                     writing.result()  # re-raises a failure to write the report itself
+                if self._stop is not None:
+                    break  # the scan just segmented is not written (nor recorded): the disk is full
                 if isinstance(job, _Job):
                     writing = writer.submit(lambda j: finish(self._finish_write(j)), job)
                 else:
@@ -285,11 +312,12 @@ class BatchRunner:
     def _done_before(self, scan: ScanSource, before: ScanRecord | None) -> ScanRecord | None:
         """The earlier record, marked skipped, when this scan needs no redoing."""
         try:
-            key = fingerprint(scan, self.model_hash, self.options)
+            files_key = input_key(scan_files(scan))
         except OSError:
             return None  # unreadable now: the read stage will say why
-        # The inputs as they were when the scan was planned: its record keeps this key.
-        self._keys[scan.name] = key
+        key = fingerprint(files_key, self.model_hash, self.options)
+        # The inputs as they were when the scan was planned: its record keeps these keys.
+        self._keys[scan.name] = (files_key, key)
         if before is None or before.status not in ("ok", "skipped") or before.fingerprint != key:
             return None
         expected = [Path(p) for p in before.outputs.values()]
@@ -320,16 +348,19 @@ class BatchRunner:
         spec = self.predictor.model.spec
         paths = self._planned(scan)
         seg = Segmentation(job.labels, volume, spec.labels, spec.name, scan.series, job.probabilities)
+        before = _stamps(paths.values())
         start = time.perf_counter()
         try:
             warnings = [*volume.notes, *write_outputs(seg, self.options.formats, paths, self.options.write)]
-            if not job.labels.any():
-                warnings.append(
-                    "no voxel was labelled: check that the scan shows what the model was trained on "
-                    f"({spec.name}, preset {spec.preset})"
-                )
         except Exception as err:  # one scan's failure must never stop the batch
+            _remove_written(paths.values(), before)  # a failed record leaves no unnamed file
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                self._stop = DiskFull(self.out_dir)
             return self._failed(scan, "write", err, sum(job.timings.values()) + time.perf_counter() - start)
+        modality = scan.series.slices[0].modality if scan.series is not None else ""
+        warnings += result_warnings(job.labels, volume, spec, modality)
+        if not paths:
+            warnings.append(f"nothing written: {', '.join(self.options.formats)} apply to DICOM inputs only")
         timings = {**job.timings, "write": time.perf_counter() - start}
         return ScanRecord(
             **self._base(scan),
@@ -340,5 +371,30 @@ class BatchRunner:
             seconds=round(sum(timings.values()), 3),
             timings={k: round(v, 4) for k, v in timings.items()},
             warnings=tuple(warnings),
-            fingerprint=self._keys.pop(scan.name, ""),
+            input_key=self._keys.get(scan.name, ("", ""))[0],
+            fingerprint=self._keys.pop(scan.name, ("", ""))[1],
+            volumes_ml=label_volumes_ml(job.labels, volume, spec),
         )
+
+
+class DiskFull(FileProblem):
+    """The output folder's disk filled up: the run stops (finished records are kept)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        super().__init__(
+            out_dir,
+            "the disk is full: the run stopped; scans finished before are written and in the report",
+            "free some space, then run the same command again to go on",
+        )
+
+
+def _stamps(paths: Iterable[Path]) -> dict[Path, int | None]:
+    """Modification time (ns) of each path, None where it does not exist."""
+    return {p: p.stat().st_mtime_ns if p.is_file() else None for p in paths}
+
+
+def _remove_written(paths: Iterable[Path], before: dict[Path, int | None]) -> None:
+    """Delete the files among ``paths`` that were written since ``before`` (this attempt's)."""
+    for path, stamp in _stamps(paths).items():
+        if stamp is not None and stamp != before.get(path):
+            path.unlink(missing_ok=True)

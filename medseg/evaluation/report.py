@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from medseg.batch.report import load_records
+from medseg.batch.report import input_key, load_records
 from medseg.data.manifest import Case, load_manifest
-from medseg.errors import MedsegError
+from medseg.errors import FileProblem, MedsegError
 from medseg.evaluation.metrics import dice, surface_metrics
 from medseg.io import read_scan
 from medseg.io.discover import single_scan
@@ -63,9 +63,23 @@ class Predictions:
             return path
         if record.status == "failed":
             raise MedsegError(f"segmentation failed at {record.stage}: {record.error} ({record.hint})")
+        if record.input_key and record.input_key != _input_key(scan):
+            raise MedsegError(
+                f"{case.image} changed after it was segmented into {record.name}: the prediction is stale; "
+                "segment it again (the same medseg segment command redoes it)"
+            )
         if "nifti" not in record.outputs:
             raise MedsegError(f"{record.name} was segmented without the nifti format; re-run with --formats nifti")
         return Path(record.outputs["nifti"])
+
+
+def _input_key(scan) -> str:
+    from medseg.batch.runner import scan_files
+
+    try:
+        return input_key(scan_files(scan))
+    except OSError:
+        return ""
 
 
 def evaluate_case(
@@ -134,7 +148,11 @@ def evaluate(
     """Evaluate every case of ``split`` against ``medseg segment``'s outputs in ``pred_dir``
     (found through its run report, see :class:`Predictions`) and write the report files
     into ``out_dir``."""
+    if not Path(pred_dir).is_dir():
+        raise FileProblem(pred_dir, "is not a folder of predictions", "give the -o folder of 'medseg segment'")
     manifest = load_manifest(manifest_path, data_root, check=False)
+    if not manifest.cases(split):
+        raise MedsegError(f"{manifest_path}: the {split} split has no case; choose another --split")
     predictions = Predictions(pred_dir)
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -145,8 +163,8 @@ def evaluate(
         case_rows, problem = evaluate_case(case, predictions, manifest.labels, tolerance_mm)
         rows += case_rows
         if problem:
-            problems.append(problem)
-            logger.warning("%s", problem)
+            problems.append(problem)  # listed once, in the summary
+            logger.debug("%s", problem)
     result = Evaluation(rows, problems, summarise(rows))
     write_report(result, out_dir, tolerance_mm, split)
     return result

@@ -108,7 +108,7 @@ class SlicePredictor:
         grid = InPlaneResampling.to_spacing(native, (spacing[plane[0]], spacing[plane[1]]), spec.spacing)
         n_slices = int(image.shape[1 + axis])
         pad_value = float(image.min())
-        step = self.options.batch_size or auto_batch_size(self.device, grid.resized[0] * grid.resized[1])
+        step = self.options.batch_size or auto_batch_size(self.device, self._network_pixels(grid.resized))
         logger.debug("slice axis %d, %d slices %s -> %s", axis, n_slices, native, grid.resized)
         if progress is not None:
             progress(0, n_slices)
@@ -123,6 +123,14 @@ class SlicePredictor:
                 yield indices, scores
                 if progress is not None:
                     progress(indices.stop, n_slices)
+
+    def _network_pixels(self, size: tuple[int, int]) -> int:
+        """Pixels per slice the network really receives: a slice that fits the window is
+        padded to the whole window (a 32x32 slice of a 512 window costs 512x512), a larger
+        one is the slice itself (its windows go through in ``sw_batch_size`` groups)."""
+        window = self.model.spec.window
+        fits = size[0] <= window[0] and size[1] <= window[1]
+        return math.prod(window) if fits else math.prod(size)
 
     def _channels_last_network(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x.contiguous(memory_format=torch.channels_last))

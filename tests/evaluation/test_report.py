@@ -120,3 +120,32 @@ def test_evaluate_with_the_bundled_model_on_real_scans(shared_data, tmp_path):
     assert summary["problems"] == []
     dice = {k.lower(): v["dice_mean"] for k, v in summary["labels"].items()}
     assert dice["anterior"] > 0.85 and dice["posterior"] > 0.85, dice
+
+
+def test_a_prediction_of_a_scan_changed_since_is_stale(tmp_path, tiny_model_dir):
+    write_msd_dataset(tmp_path / "Task99", n_cases=4)
+    manifest = tmp_path / "m.json"
+    build_manifest(tmp_path / "Task99", manifest, val_fraction=0.5, seed=0)
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", str(tiny_model_dir), "--manifest", str(manifest), "-o", str(out)]
+    assert main(args) == 0
+    image = (manifest.parent / json.loads(manifest.read_text())["validation"][0]["image"]).resolve()
+    img = nib.load(str(image))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), str(image))  # rescanned since
+    pred = ["evaluate", "--pred", str(out / "predictions"), "--manifest", str(manifest), "-o", str(tmp_path / "r2")]
+    assert main(pred) == 3
+    (problem,) = json.loads((tmp_path / "r2" / "summary.json").read_text())["problems"]
+    assert "changed after it was segmented" in problem and "stale" in problem
+    assert main(args) == 0  # --model segments the changed scan again (resume sees the change)
+
+
+def test_evaluate_refuses_a_missing_prediction_folder_and_bad_tolerance(tmp_path, caplog, capsys):
+    write_msd_dataset(tmp_path / "Task99", n_cases=2)
+    manifest = tmp_path / "m.json"
+    build_manifest(tmp_path / "Task99", manifest, val_fraction=0.5, seed=0)
+    args = ["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "r")]
+    assert main([*args, "--pred", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: is not a folder of predictions" in caplog.text
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--pred", str(tmp_path), "--tolerance-mm", "-1"])
+    assert exit_.value.code == 2 and "must be a positive number" in capsys.readouterr().err
