@@ -75,6 +75,18 @@ def _shard_arg(text: str) -> tuple[int, int]:
     return index, count
 
 
+def _checked_value(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type returning a library parser's value (its ValueError -> exit 2)."""
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    return convert
+
+
 def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
     """An argparse type running a library check on the raw text (its ValueError -> exit 2)."""
 
@@ -106,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medseg.io.dicom_seg import SEG_TYPES
     from medseg.io.formats import DEFAULT_FORMATS, FORMATS, parse_formats
     from medseg.io.writers import PROBABILITY_ENCODINGS
-    from medseg.spec import SLICE_AXES
+    from medseg.spec import SLICE_AXES, split_label_names
     from medseg.transforms.presets import PRESETS
 
     parser = argparse.ArgumentParser(
@@ -117,11 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (also from libraries)")
     sub = parser.add_subparsers(dest="command", required=True)
     formatter = _DefaultsHelp
+    # -v also after the subcommand (medseg segment ... -v); SUPPRESS keeps the top-level value
+    # when it is not repeated there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
 
     seg = sub.add_parser(
         "segment",
         help="segment scans: NIfTI/NRRD/MHA files and DICOM series, or every scan in folder trees",
         formatter_class=formatter,
+        parents=[common],
     )
     seg.add_argument("inputs", type=Path, nargs="+", help="scan files, DICOM series folders or folders of scans")
     seg.add_argument("-o", "--output", type=Path, help="output folder (required unless --list)")
@@ -154,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--precision", choices=PRECISIONS, default="fp32", help="network arithmetic (autocast)")
     seg.add_argument("--series-uid", type=_uid, help="segment only this DICOM series (UIDs: see --list)")
 
-    init = sub.add_parser("init-model", help="write an untrained model folder", formatter_class=formatter)
+    init = sub.add_parser(
+        "init-model", help="write an untrained model folder", formatter_class=formatter, parents=[common]
+    )
     init.add_argument("-o", "--output", type=Path, required=True, help="model folder to create")
     init.add_argument("--labels", required=True, help="comma-separated names, background first")
     init.add_argument("--preset", choices=sorted(PRESETS), default="mr", help="intensity preset")
@@ -168,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
 
     ens = sub.add_parser(
-        "ensemble", help="combine trained model folders into one (probabilities averaged)", formatter_class=formatter
+        "ensemble",
+        help="combine trained model folders into one (probabilities averaged)",
+        formatter_class=formatter,
+        parents=[common],
     )
     ens.add_argument("models", type=Path, nargs="+", help="two or more model folders (e.g. RUN/model)")
     ens.add_argument("-o", "--output", type=Path, required=True, help="ensemble model folder to create")
@@ -178,24 +200,47 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     ens.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    info = sub.add_parser("info", help="describe a model folder, or list the bundled models", formatter_class=formatter)
+    info = sub.add_parser(
+        "info", help="describe a model folder, or list the bundled models", formatter_class=formatter, parents=[common]
+    )
     info.add_argument("model", type=Path, nargs="?", help="model folder (default: all bundled)")
 
-    man = sub.add_parser("manifest", help="build a dataset manifest (MONAI datalist JSON)", formatter_class=formatter)
+    man = sub.add_parser(
+        "manifest", help="build a dataset manifest (MONAI datalist JSON)", formatter_class=formatter, parents=[common]
+    )
     man.add_argument("data_dir", type=Path, help="MSD folder (dataset.json) or images/ + labels/")
     man.add_argument("-o", "--output", type=Path, required=True, help="manifest JSON to write")
     man.add_argument("--val-fraction", type=float, default=0.2, help="share of cases for validation")
     man.add_argument("--seed", type=int, default=0, help="seed of the case shuffle")
+    man.add_argument(
+        "--labels",
+        type=_checked_value(split_label_names),
+        default=None,
+        help="comma-separated label names for values 0, 1, ... (background first); "
+        "default: dataset.json's, else the values found in the label files",
+    )
+    man.add_argument("--overwrite", action="store_true", help="replace an existing manifest file")
 
-    tr = sub.add_parser("train", help="train a model folder from a manifest", formatter_class=formatter)
+    tr = sub.add_parser(
+        "train", help="train a model folder from a manifest", formatter_class=formatter, parents=[common]
+    )
     tr.add_argument("--manifest", type=Path, required=True, help="dataset manifest (medseg manifest)")
     tr.add_argument("-o", "--output", type=Path, required=True, help="run folder")
     tr.add_argument("--config", type=Path, help="JSON or YAML training configuration (default: built-in)")
     tr.add_argument("--data-root", type=Path, help="resolve manifest paths against this folder")
-    tr.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    again = tr.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output folder from its checkpoint (same configuration; "
+        "a finished run is reported and left as it is)",
+    )
+    again.add_argument("--overwrite", action="store_true", help="replace the run in the output folder and train afresh")
     tr.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes (CPU: gloo)")
 
-    ev = sub.add_parser("evaluate", help="Dice, HD95 (mm) and surface Dice of predictions", formatter_class=formatter)
+    ev = sub.add_parser(
+        "evaluate", help="Dice, HD95 (mm) and surface Dice of predictions", formatter_class=formatter, parents=[common]
+    )
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--pred", type=Path, help="folder of predictions (medseg segment output)")
     source.add_argument(
@@ -448,10 +493,12 @@ def _describe_model(folder: Path) -> None:
 
 
 def _run_manifest(args: argparse.Namespace) -> int:
-    from medseg.data.manifest import build_manifest, load_manifest
+    from medseg.data.manifest import build_manifest
 
-    content = build_manifest(args.data_dir, args.output, args.val_fraction, args.seed)
-    load_manifest(args.output)  # validate what was written: every problem at once
+    # Checked before it is written (every problem at once); nothing written when invalid.
+    content = build_manifest(
+        args.data_dir, args.output, args.val_fraction, args.seed, labels=args.labels, overwrite=args.overwrite
+    )
     print(f"wrote {args.output}: {len(content['training'])} training, {len(content['validation'])} validation cases")
     return EXIT_OK
 
@@ -463,7 +510,9 @@ def _train_worker(args: argparse.Namespace) -> None:
 
     _configure_logging(args.verbose)
     config = TrainConfig.load(args.config) if args.config else TrainConfig()
-    result = train(config, args.manifest, args.output, resume=args.resume, data_root=args.data_root)
+    result = train(
+        config, args.manifest, args.output, resume=args.resume, data_root=args.data_root, overwrite=args.overwrite
+    )
     if result.best_epoch > 0:
         dice = ", ".join(f"{k} {v:.4f}" for k, v in result.best_dice.items())
         logger.info("model folder %s (best epoch %d: Dice %s)", result.model_dir, result.best_epoch, dice)
@@ -472,7 +521,9 @@ def _train_worker(args: argparse.Namespace) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         from medseg.training.distributed import spawn
+        from medseg.training.trainer import check_run_folder
 
+        check_run_folder(args.output, args.resume, args.overwrite)  # one clean refusal, not one per worker
         spawn(_train_worker, args.nproc, args)
     else:
         _train_worker(args)

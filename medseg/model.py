@@ -92,7 +92,12 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module, half: bool = F
     if half:
         state = half_state(state)
     with atomic_path(weights) as tmp:
+        tmp.touch()  # created as any new file is: 0666 less the umask
+        mode = tmp.stat().st_mode & 0o777
         save_file(state, str(tmp))
+        # safetensors creates its file 0600, but a model folder is shared (other users, batch
+        # services): give the weights the same permissions as model.json beside them.
+        tmp.chmod(mode)
     provenance = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **spec.provenance,
@@ -118,8 +123,23 @@ def load_spec(folder: Path) -> ModelSpec:
         raise ModelError(spec_path, "is missing", "a model folder holds model.json and the weights it names")
     try:
         return ModelSpec.load(spec_path)
-    except ConfigError as err:
-        raise ModelError(spec_path, str(err).removeprefix(f"{spec_path}: ")) from err
+    except ConfigError as err:  # its message starts with the path, which ModelError adds
+        problem = str(err).removeprefix(f"{spec_path}: ")
+        raise ModelError(spec_path, problem, "fix model.json, or re-create the model folder with medseg") from err
+
+
+def _inside(folder: Path, entry: str, key: str) -> Path:
+    """``folder / entry``, refused unless it resolves inside ``folder``: model.json must not
+    make medseg read files from elsewhere, through ``..`` or a symbolic link."""
+    path = folder / entry
+    target = path.resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise ModelError(
+            folder / SPEC_FILE,
+            f"{key} {entry!r} leads outside the model folder (to {target})",
+            "copy the file into the model folder instead of linking to it",
+        )
+    return path
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -152,7 +172,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
     spec = load_spec(folder)
     if spec.members:
         return _load_ensemble(folder, spec, device)
-    weights = folder / spec.weights
+    weights = _inside(folder, spec.weights, "weights")
     if not weights.is_file():
         raise ModelError(
             weights,
@@ -166,7 +186,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
             "does not match the checksum in model.json (changed or corrupted after saving)",
             "re-copy the model folder, or re-save it with medseg",
         )
-    network = build_network(spec.network)
+    try:
+        network = build_network(spec.network)
+    except ConfigError as err:  # an unknown network name
+        raise ModelError(folder / SPEC_FILE, str(err), "use a network medseg knows") from err
     state = _read_state_dict(weights)
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -195,7 +218,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
 
 
 def _load_ensemble(folder: Path, spec: ModelSpec, device: str | torch.device) -> Model:
-    members = tuple(load_model(folder / name, device) for name in spec.members)
+    members = tuple(load_model(_inside(folder, name, "members entry"), device) for name in spec.members)
     for member in members:
         if member.spec.labels != spec.labels or member.spec.preset != spec.preset:
             raise ModelError(

@@ -314,3 +314,24 @@ def test_ensemble_member_with_other_labels_is_refused(tmp_path, scan, caplog):
     out = tmp_path / "out"
     code = main(["segment", str(scan), "-o", str(out), "--model", str(top)])
     _assert_refused(caplog, code, out, "view-sagittal", "disagrees", "labels")
+
+
+def test_manifest_and_train_refuse_to_replace_without_overwrite(tmp_path, caplog):
+    from helpers import write_msd_dataset
+
+    write_msd_dataset(tmp_path / "Task99", n_cases=4)
+    manifest = tmp_path / "m.json"
+    assert main(["manifest", str(tmp_path / "Task99"), "-o", str(manifest)]) == 0
+    first = manifest.read_text()
+    assert main(["manifest", str(tmp_path / "Task99"), "-o", str(manifest), "--seed", "3"]) == 2
+    assert manifest.read_text() == first and "m.json" in caplog.text
+    assert main(["manifest", str(tmp_path / "Task99"), "-o", str(manifest), "--seed", "3", "--overwrite"]) == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", "--manifest", str(manifest), "-o", str(run)]) == 2
+    assert "is not empty" in caplog.text and (run / "notes.txt").read_text() == "mine"
+
+
+def test_verbose_after_the_subcommand(tmp_path, capsys):
+    assert main(["segment", "--list", str(tmp_path), "-v"]) == 0

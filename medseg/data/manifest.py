@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg.errors import MedsegError
+from medseg.errors import ConfigError, FileProblem, MedsegError
 from medseg.io.volume import Geometry
+from medseg.spec import MAX_LABEL_NAME, check_text
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +29,11 @@ SPLITS = ("training", "validation", "test")
 class ManifestError(MedsegError):
     """A manifest that cannot be used; lists every problem found, each with its case."""
 
-    def __init__(self, path: Path, problems: list[str]) -> None:
+    def __init__(self, path: Path, problems: list[str], hint: str = "") -> None:
         self.path = path
         self.problems = problems
         listing = "\n  ".join(problems)
-        super().__init__(f"{path}: {len(problems)} problem(s):\n  {listing}")
+        super().__init__(f"{path}: {len(problems)} problem(s):\n  {listing}" + (f"\n({hint})" if hint else ""))
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,25 @@ def _pairs_from_folders(data_dir: Path) -> list[tuple[Path, Path]]:
     return [(p, by_id.get(case_id(p), labels / p.name)) for p in sorted(images.iterdir()) if scan_suffix(p)]
 
 
-def build_manifest(data_dir: Path, output: Path, val_fraction: float = 0.2, seed: int = 0) -> dict[str, Any]:
-    """Write a manifest for an MSD folder or paired image/label folders; return its content."""
-    data_dir = Path(data_dir)
+def build_manifest(
+    data_dir: Path,
+    output: Path,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    labels: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a manifest for an MSD folder or paired image/label folders; return its content.
+
+    The labels are ``labels`` (names of values 0, 1, ..., background first) when given, else
+    the MSD dataset.json's, else the values found in the label files (named "background",
+    "label_1", ...). The content is checked as ``load_manifest`` checks it before anything is
+    written (ManifestError listing every problem; nothing written), and written atomically.
+    An existing ``output`` is replaced only with ``overwrite`` (FileProblem otherwise).
+    """
+    data_dir, output = Path(data_dir), Path(output)
+    if output.exists() and not overwrite:
+        raise FileProblem(output, "already exists", "pass --overwrite to replace it, or choose another file name")
     if (data_dir / "dataset.json").is_file():
         pairs, meta = _pairs_from_msd(data_dir)
     else:
@@ -126,7 +144,7 @@ def build_manifest(data_dir: Path, output: Path, val_fraction: float = 0.2, seed
     content = {
         "name": meta.get("name", data_dir.name),
         "description": meta.get("description", ""),
-        "labels": meta.get("labels", {"0": "background"}),
+        "labels": _declared_labels(labels, meta, [label for _, label in pairs]),
         "modality": meta.get("modality", {}),
         "split": {
             "rule": "seeded shuffle (numpy default_rng) of the sorted case ids; the last "
@@ -137,9 +155,45 @@ def build_manifest(data_dir: Path, output: Path, val_fraction: float = 0.2, seed
         "training": [entry(c) for c in train_ids],
         "validation": [entry(c) for c in val_ids],
     }
+    try:
+        manifest_from_json(content, output, base)
+    except ManifestError as err:
+        raise ManifestError(
+            output,
+            err.problems,
+            "nothing was written: fix the data, or give every label's name (--labels background,...)",
+        ) from err
+    from medseg.io.files import atomic_path
+
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(content, indent=1) + "\n")
+    with atomic_path(output) as tmp:
+        tmp.write_text(json.dumps(content, indent=1) + "\n")
     return content
+
+
+def _declared_labels(names: Sequence[str] | None, meta: dict[str, Any], label_files: list[Path]) -> dict[str, str]:
+    """MSD-style ``{"0": "background", ...}``: from ``names``, the dataset.json, or the files."""
+    if names is not None:
+        names = list(names)
+        if not names:
+            raise ConfigError("labels: give at least one name (background first)")
+        for i, name in enumerate(names):
+            check_text(name, f"label name {i}", MAX_LABEL_NAME)
+        if len(set(names)) != len(names):
+            raise ConfigError(f"labels: names must be unique, got {names}")
+        return {str(i): name for i, name in enumerate(names)}
+    if meta.get("labels"):
+        return meta["labels"]
+    found: set[float] = set()
+    for path in label_files:
+        try:
+            found.update(float(v) for v in _label_values(path))
+        except Exception:  # readers raise many types; the check that follows names the file
+            continue
+    # Non-integer values are left out: the check then reports them, naming their file.
+    values = sorted(int(v) for v in found if v.is_integer())
+    logger.info("label values found in %d label files: %s", len(label_files), values)
+    return {str(v): "background" if v == 0 else f"label_{v}" for v in values} or {"0": "background"}
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -157,13 +211,23 @@ def load_manifest(path: str | Path, data_root: Path | None = None, check: bool =
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ManifestError(path, [f"cannot be read as JSON ({err})"]) from err
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: not JSON or not UTF-8
+        raise ManifestError(path, [f"cannot be read as JSON ({type(err).__name__}: {err})"]) from err
     base = Path(data_root) if data_root is not None else path.resolve().parent
+    return manifest_from_json(raw, path, base, check)
+
+
+def manifest_from_json(raw: Any, path: Path, base: Path, check: bool = True) -> Manifest:
+    """The Manifest ``raw`` (parsed JSON) describes, its paths relative to ``base``; ``path``
+    is where it is (or will be) stored. ManifestError lists every problem at once."""
+    if not isinstance(raw, dict):
+        raise ManifestError(path, [f"must hold a JSON object, got {type(raw).__name__}"])
     problems: list[str] = []
-    labels = {int(k): str(v) for k, v in raw.get("labels", {}).items()}
-    if not labels:
-        problems.append('no \'labels\' mapping (MSD style: {"0": "background", ...})')
+    labels = _labels(raw.get("labels"), problems)
+    modality = raw.get("modality") or {}
+    if not isinstance(modality, dict):
+        problems.append(f'\'modality\' must map channels to names ({{"0": "MRI"}}), got {modality!r:.80}')
+        modality = {}
     splits: dict[str, tuple[Case, ...]] = {}
     seen: dict[str, str] = {}
     for split in SPLITS:
@@ -171,6 +235,12 @@ def load_manifest(path: str | Path, data_root: Path | None = None, check: bool =
         for i, item in enumerate(raw.get(split, [])):
             if isinstance(item, str):  # MSD "test" lists plain paths
                 item = {"image": item}
+            if not isinstance(item, dict) or not isinstance(item.get("image"), str):
+                problems.append(f'{split}[{i}]: needs an "image" path, got {item!r:.80}')
+                continue
+            if not isinstance(item.get("label") or "", str):
+                problems.append(f'{split}[{i}]: "label" must be a path, got {item["label"]!r:.80}')
+                continue
             image = _resolve(base, item["image"])
             label = _resolve(base, item["label"]) if item.get("label") else None
             cid = case_id(image)
@@ -188,10 +258,28 @@ def load_manifest(path: str | Path, data_root: Path | None = None, check: bool =
     return Manifest(
         path=path,
         labels=labels,
-        modality={str(k): str(v) for k, v in raw.get("modality", {}).items()},
+        modality={str(k): str(v) for k, v in modality.items()},
         splits=splits,
         name=str(raw.get("name", "")),
     )
+
+
+def _labels(raw: Any, problems: list[str]) -> dict[int, str]:
+    """``{value: name}`` from the MSD-style mapping; what is wrong with it goes to ``problems``."""
+    if not isinstance(raw, dict) or not raw:
+        problems.append('no \'labels\' mapping (MSD style: {"0": "background", ...})')
+        return {}
+    labels = {}
+    for key, name in raw.items():
+        try:
+            labels[int(key)] = str(name)
+            # The name becomes a model's label name: refused here rather than after training.
+            check_text(name, f"labels: name of {key}", MAX_LABEL_NAME)
+        except ValueError:
+            problems.append(f'labels: key {key!r} is not a label value (an integer such as "1")')
+        except ConfigError as err:
+            problems.append(str(err))
+    return labels
 
 
 def _resolve(base: Path, relative: str) -> Path:
@@ -210,15 +298,9 @@ def _check_case(case: Case, split: str, labels: dict[int, str]) -> list[str]:
         if case.label is None and split != "test":
             problems.append(f"case {case.id} ({split}): has no label")
         return problems
-    import nibabel as nib
-
     try:
         image, label = _grid(case.image, case.series_uid), _grid(case.label)
-        values = np.unique(np.asarray(nib.load(str(case.label)).dataobj)) if _is_nifti(case.label) else None
-        if values is None:
-            from medseg.io import read_scan
-
-            values = np.unique(read_scan(case.label).array[0])
+        values = _label_values(case.label)
     except Exception as err:  # readers raise many types for broken files
         return [f"case {case.id} ({split}): cannot be read ({type(err).__name__}: {err})"]
     if image.shape != label.shape:
@@ -231,6 +313,17 @@ def _check_case(case: Case, split: str, labels: dict[int, str]) -> list[str]:
             f"case {case.id} ({split}): label values {unexpected} are not among the declared labels {sorted(labels)}"
         )
     return problems
+
+
+def _label_values(path: Path) -> np.ndarray:
+    """The distinct values in the label map at ``path`` (sorted)."""
+    if _is_nifti(path):
+        import nibabel as nib
+
+        return np.unique(np.asarray(nib.load(str(path)).dataobj))
+    from medseg.io import read_scan
+
+    return np.unique(read_scan(path).array[0])
 
 
 def _is_nifti(path: Path) -> bool:

@@ -16,20 +16,9 @@ def _article_unet(spec: NetworkSpec) -> nn.Module:
 
 
 def _monai_unet(spec: NetworkSpec) -> nn.Module:
-    """MONAI's UNet (2D, batch norm, two residual units per level) at the same widths:
-    channels c_0..c_depth with c_k = base * 2**k, stride 2 between levels."""
-    from monai.networks.layers import Norm
-    from monai.networks.nets import UNet
+    from medseg.networks.monai_unet import MonaiUNet  # MONAI's networks import slowly
 
-    return UNet(
-        spatial_dims=2,
-        in_channels=spec.in_channels,
-        out_channels=spec.out_channels,
-        channels=tuple(spec.base_channels * 2**k for k in range(spec.depth + 1)),
-        strides=(2,) * spec.depth,
-        num_res_units=2,
-        norm=Norm.BATCH,
-    )
+    return MonaiUNet(spec.in_channels, spec.out_channels, spec.base_channels, spec.depth)
 
 
 NETWORKS: dict[str, Callable[[NetworkSpec], nn.Module]] = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medseg.networks.sizes import check_input_size
+
 
 def _conv_bn_relu(in_ch: int, out_ch: int, stride: int = 1) -> list[nn.Module]:
     return [
@@ -103,12 +105,7 @@ class ArticleUNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.size_multiple
-        if x.shape[-2] % m != 0 or x.shape[-1] % m != 0:
-            raise ValueError(
-                f"ArticleUNet input height and width must be multiples of {m} (2**depth), "
-                f"got {x.shape[-2]}x{x.shape[-1]}; pad the slices (medseg's inference pads)"
-            )
+        check_input_size(x, self.size_multiple, "ArticleUNet")
         skips: list[torch.Tensor] = []
         for down in self.downs:
             skip, x = down(x)

@@ -108,7 +108,7 @@ class Recipe:
     def load(cls, path: Path) -> Recipe:
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, ValueError, RecursionError) as err:  # ValueError: not JSON or not UTF-8
             raise ConfigError(f"{path}: cannot be read as JSON ({type(err).__name__}: {err})") from err
         return cls.from_dict(data, where=str(path))
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from medseg.data.manifest import Case, Manifest, load_manifest
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, FileProblem, MedsegError
 from medseg.evaluation.metrics import dice_per_label
 from medseg.inference.predictor import InferenceOptions, SlicePredictor, resolve_device
 from medseg.inference.segment import segment_volume
@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 MODEL_DIR = "model"
+CONFIG_FILE = "config.json"
+# What a training run writes into its folder (``overwrite`` removes these, nothing else).
+RUN_OUTPUTS = (CONFIG_FILE, CHECKPOINT, "log.csv", "curves.png", "summary.json", MODEL_DIR, "tensorboard")
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,23 @@ def train(
     resume: bool = False,
     data_root: Path | None = None,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train as ``config`` says on ``manifest_path``; the model folder is ``run_dir/model``."""
+    """Train as ``config`` says on ``manifest_path``; the model folder is ``run_dir/model``.
+
+    A ``run_dir`` that is not empty is refused (FileProblem), so no run is trained over by
+    mistake: ``resume`` continues the run in it from its checkpoint (the configuration must be
+    the saved one; a finished run is returned as it is), ``overwrite`` deletes that run's
+    outputs and starts afresh.
+    """
+    if resume and overwrite:
+        raise ConfigError(f"{run_dir}: resume and overwrite exclude each other; pass one of them")
     device = resolve_device(config.device)
     ctx = distributed.init_from_env(device.type)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     try:
-        return _train(config, manifest_path, run_dir, resume, data_root, show_progress, device, ctx)
+        return _train(config, manifest_path, run_dir, resume, overwrite, data_root, show_progress, device, ctx)
     finally:
         distributed.shutdown(ctx)
 
@@ -103,6 +115,7 @@ def _train(
     manifest_path: Path,
     run_dir: Path,
     resume: bool,
+    overwrite: bool,
     data_root: Path | None,
     show_progress: bool,
     device: torch.device,
@@ -111,13 +124,15 @@ def _train(
     start_time = time.perf_counter()
     manifest = load_manifest(manifest_path, data_root)
     spec = model_spec(config, manifest)
-    _write_resolved_config(config, spec, run_dir, resume, ctx)
+    _prepare_run_dir(config, spec, run_dir, resume, overwrite, ctx)
     opt = Optimisation(config, spec, device, ctx)
     checkpoint = run_dir / CHECKPOINT
-    state = TrainingState()
-    if resume and checkpoint.is_file():
-        state = opt.load(checkpoint)
-        logger.info("resuming %s at epoch %d", run_dir, state.next_epoch)
+    state = opt.load(checkpoint) if resume and checkpoint.is_file() else TrainingState()
+    if state.next_epoch >= config.epochs:
+        _log_finished(run_dir, state)
+        return _finish(run_dir, opt.module, state, state.next_epoch, state.elapsed_before, ctx, None)
+    if resume:
+        logger.info("resuming %s at epoch %d of %d", run_dir, state.next_epoch + 1, config.epochs)
 
     def elapsed() -> float:
         """Seconds of training so far, earlier runs of this training included."""
@@ -152,18 +167,107 @@ def _train(
     return _finish(run_dir, opt.module, state, epoch + 1, seconds, ctx, writer)
 
 
-def _write_resolved_config(
-    config: TrainConfig, spec: ModelSpec, run_dir: Path, resume: bool, ctx: distributed.DistContext
+def _prepare_run_dir(
+    config: TrainConfig, spec: ModelSpec, run_dir: Path, resume: bool, overwrite: bool, ctx: distributed.DistContext
 ) -> None:
+    """Refuse what would lose work, then save the resolved configuration.
+
+    Rank 0 alone reads and writes the folder; the other ranks wait for its verdict, so none
+    reads a half-written config.json or refuses a folder that rank 0 has just started.
+    """
+    error: MedsegError | None = None
+    if ctx.is_main:
+        try:
+            _claim_run_dir(run_dir, resume, overwrite)
+            _write_resolved_config(config, spec, run_dir, resume)
+        except MedsegError as err:
+            error = err
+    if distributed.broadcast_flag(ctx, error is not None):
+        raise error or ConfigError(f"{run_dir}: refused by rank 0 (its message says why)")
+
+
+def check_run_folder(run_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse (FileProblem) a ``run_dir`` that training would write over without being asked:
+    a file, or a folder that is not empty, unless ``resume`` or ``overwrite``. Changes nothing;
+    callers that start several processes call it first, to fail once with a clear message."""
+    if resume and overwrite:
+        raise ConfigError(f"{run_dir}: resume and overwrite exclude each other; pass one of them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileProblem(run_dir, "is a file, not a run folder", "choose a folder for the run")
+    if resume or overwrite or not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    earlier_run = (run_dir / CONFIG_FILE).is_file() or (run_dir / CHECKPOINT).is_file()
+    problem = "holds an earlier training run" if earlier_run else "is not empty"
+    raise FileProblem(
+        run_dir,
+        f"{problem}; training into it would replace its files",
+        "pass --resume to continue that run, --overwrite to replace it, or choose a new run folder",
+    )
+
+
+def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """``check_run_folder``, then with ``overwrite`` remove an earlier run's outputs (only
+    those: other files in the folder stay)."""
+    import shutil
+
+    check_run_folder(run_dir, resume, overwrite)
+    if not overwrite or not run_dir.is_dir():
+        return
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        logger.warning(
+            "%s: overwrite: removed the earlier run's %s; training starts afresh", run_dir, ", ".join(removed)
+        )
+
+
+def _write_resolved_config(config: TrainConfig, spec: ModelSpec, run_dir: Path, resume: bool) -> None:
     """Save the configuration with every default filled in; refuse to resume under another one."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.json"
+    config_path = run_dir / CONFIG_FILE
     # Through JSON so tuples and lists compare equal with the saved file.
     resolved = json.loads(json.dumps({**config.to_dict(), "labels": [lab.name for lab in spec.labels]}))
-    if resume and config_path.is_file() and _saved_config(config_path) != resolved:
-        raise ConfigError(f"{config_path}: --resume with a different configuration; use a new run folder")
-    if ctx.is_main:
-        config_path.write_text(json.dumps(resolved, indent=2) + "\n")
+    if resume and config_path.is_file():
+        differences = config_differences(_saved_config(config_path), resolved)
+        if differences:
+            raise ConfigError(
+                f"{config_path}: --resume with a different configuration ({'; '.join(differences)}); "
+                f"resume with the saved one (--config {config_path}) or train into a new run folder"
+            )
+    config_path.write_text(json.dumps(resolved, indent=2) + "\n")
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: saved X, now Y`` for every setting that differs (nested ones as ``augment.gamma``)."""
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += config_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: saved {old!r}, now {new!r}")
+    return out
+
+
+def _log_finished(run_dir: Path, state: TrainingState) -> None:
+    """Say that a resumed run has nothing left to train, and where its result is."""
+    logger.warning(
+        "%s is finished: all %d epochs are trained (best epoch %d, validation Dice %s); nothing to resume. "
+        "Its model folder is %s; to train longer, start a new run folder with more epochs",
+        run_dir,
+        state.next_epoch,
+        state.best_epoch,
+        ", ".join(f"{k} {v:.4f}" for k, v in state.best_dice.items()) or "none",
+        run_dir / MODEL_DIR,
+    )
 
 
 def _train_epoch(
@@ -247,7 +351,10 @@ def _finish(
 def _saved_config(path: Path) -> dict[str, Any]:
     """The resolved configuration saved in a run folder, with defaults filled in for options
     added since it was written (so a run stays resumable across medseg versions)."""
-    saved = TrainConfig.from_dict(json.loads(path.read_text()), where=str(path))
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text()), where=str(path))
+    except (OSError, ValueError, TypeError, RecursionError) as err:  # unreadable, not JSON, a field's type
+        raise ConfigError(f"{path}: the saved configuration cannot be read ({type(err).__name__}: {err})") from err
     return json.loads(json.dumps(saved.to_dict()))
 
 

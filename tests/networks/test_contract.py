@@ -22,9 +22,9 @@ from medseg.networks import NETWORKS, build_network
 from medseg.spec import ModelSpec, NetworkSpec, labels_from_names
 
 # Networks that check the input size themselves and raise a ValueError naming the size and
-# the multiple. Others fail inside torch (MonaiUNet: torch.cat of mismatched skip sizes) or
-# must give an output of the input's size; never a silently different one.
-CHECKS_INPUT_SIZE = {"ArticleUNet"}
+# the multiple. Others must fail inside torch or give an output of the input's size; never a
+# silently different one.
+CHECKS_INPUT_SIZE = {"ArticleUNet", "MonaiUNet"}
 
 
 @pytest.fixture(params=sorted(NETWORKS))

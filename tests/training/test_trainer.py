@@ -1,6 +1,7 @@
 """Training end to end on a tiny synthetic MSD dataset: model folder, logs, resume, DDP."""
 
 import json
+import logging
 from dataclasses import replace
 
 import nibabel as nib
@@ -11,11 +12,11 @@ from helpers import write_msd_dataset
 
 from medseg.cli import main
 from medseg.data.manifest import build_manifest
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, FileProblem
 from medseg.model import load_model
 from medseg.training.augment import augment_batch
 from medseg.training.config import AugmentConfig, TrainConfig
-from medseg.training.trainer import train
+from medseg.training.trainer import check_run_folder, train
 
 TINY = TrainConfig(
     labels=("background", "left", "right"),
@@ -86,10 +87,70 @@ def test_resume_continues_exactly(manifest, tmp_path):
         torch.testing.assert_close(b["model"][key], tensor, rtol=0, atol=0, msg=key)
 
 
-def test_resume_with_another_config_is_refused(manifest, tmp_path):
+def test_resume_with_another_config_names_the_keys_that_differ(manifest, tmp_path):
     train(replace(TINY, epochs=1), manifest, tmp_path / "run", show_progress=False)
-    with pytest.raises(ConfigError, match="different configuration"):
-        train(replace(TINY, epochs=1, lr=0.5), manifest, tmp_path / "run", resume=True)
+    changed = replace(TINY, epochs=1, lr=0.5, augment=replace(TINY.augment, rotate_degrees=5.0))
+    with pytest.raises(ConfigError, match="different configuration") as info:
+        train(changed, manifest, tmp_path / "run", resume=True)
+    text = str(info.value)
+    assert "lr: saved 0.01, now 0.5" in text and "augment.rotate_degrees: saved 15.0, now 5.0" in text
+    assert "epochs" not in text and str(tmp_path / "run" / "config.json") in text
+
+
+def _fingerprint(run):
+    """The run's files that a refused or finished call must leave as they were."""
+    return {name: (run / name).read_bytes() for name in ("config.json", "checkpoint.pt", "summary.json", "log.csv")}
+
+
+def test_an_existing_run_is_never_trained_over_by_mistake(manifest, tmp_path, caplog):
+    run = tmp_path / "run"
+    first = train(replace(TINY, epochs=1), manifest, run, show_progress=False)
+    before = _fingerprint(run)
+    with pytest.raises(FileProblem, match=r"holds an earlier training run.*--resume.*--overwrite") as info:
+        train(replace(TINY, epochs=1), manifest, run, show_progress=False)
+    assert info.value.path == run
+    assert _fingerprint(run) == before
+    # Resuming the finished run says so, trains nothing and gives its result back.
+    with caplog.at_level(logging.WARNING, logger="medseg.training.trainer"):
+        again = train(replace(TINY, epochs=1), manifest, run, resume=True, show_progress=False)
+    assert "is finished: all 1 epochs are trained" in caplog.text and "nothing to resume" in caplog.text
+    assert (again.best_epoch, again.best_dice, again.epochs_run) == (first.best_epoch, first.best_dice, 1)
+    assert again.seconds == pytest.approx(first.seconds)
+    assert _fingerprint(run) == before
+    with pytest.raises(ConfigError, match="exclude each other"):
+        train(TINY, manifest, run, resume=True, overwrite=True)
+    # overwrite replaces the run's own outputs and leaves other files alone.
+    (run / "notes.txt").write_text("mine")
+    train(replace(TINY, epochs=1, seed=3), manifest, run, show_progress=False, overwrite=True)
+    assert json.loads((run / "config.json").read_text())["seed"] == 3
+    assert (run / "notes.txt").read_text() == "mine"
+    assert _fingerprint(run)["checkpoint.pt"] != before["checkpoint.pt"]
+
+
+def test_check_run_folder_refuses_without_touching_anything(tmp_path):
+    check_run_folder(tmp_path / "new")  # absent: fine, and not created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "run").mkdir()
+    check_run_folder(tmp_path / "run")  # empty: fine
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(FileProblem, match="holds an earlier training run"):
+        check_run_folder(tmp_path / "run")
+    check_run_folder(tmp_path / "run", resume=True)
+    check_run_folder(tmp_path / "run", overwrite=True)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == b"x"
+    with pytest.raises(ConfigError, match="exclude each other"):
+        check_run_folder(tmp_path / "run", resume=True, overwrite=True)
+
+
+def test_a_folder_that_is_not_empty_is_refused(manifest, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "scan.nii.gz").write_bytes(b"")
+    with pytest.raises(FileProblem, match="is not empty"):
+        train(TINY, manifest, tmp_path / "data", show_progress=False)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["scan.nii.gz"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileProblem, match="is a file"):
+        train(TINY, manifest, tmp_path / "file", show_progress=False)
 
 
 @pytest.mark.slow
