@@ -139,6 +139,9 @@ def _train(
         return state.elapsed_before + time.perf_counter() - start_time
 
     bank = build_slice_bank(manifest.cases("training"), spec)
+    # What the model saw, kept in its provenance: runs warn on scans far outside it.
+    modality = ", ".join(manifest.modality.values())
+    spec = replace(spec, provenance={**spec.provenance, "training_data": {"modality": modality, **bank.domain}})
     validator = _Validator(manifest.cases("validation"), spec) if ctx.is_main else None
     writer = tensorboard_writer(run_dir) if ctx.is_main else None
     epoch = state.next_epoch - 1
@@ -382,5 +385,6 @@ def _save_model_folder(
         else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "config": config.to_dict(),
+        **({"training_data": spec.provenance["training_data"]} if "training_data" in spec.provenance else {}),
     }
     save_model(folder, replace(spec, provenance=provenance), module)

@@ -50,6 +50,10 @@ def test_training_writes_a_model_folder_segment_takes(manifest, tmp_path):
     model = load_model(result.model_dir)
     assert [lab.name for lab in model.spec.labels] == ["background", "left", "right"]
     assert model.spec.provenance["trained"] is True and model.spec.slice_axis == "sagittal"
+    domain = model.spec.provenance["training_data"]  # what runs compare new scans with
+    shape = sorted(nib.load(str(manifest.parent / "Task99" / "imagesTr" / "case_000.nii.gz")).shape)
+    assert domain["cases"] == 3
+    assert all(lo <= v <= hi for lo, v, hi in zip(domain["shape"]["min"], shape, domain["shape"]["max"]))
     assert set(result.best_dice) == {"left", "right"}
     image = manifest.parent / "Task99" / "imagesTr" / "case_000.nii.gz"
     assert main(["segment", str(image), "-o", str(tmp_path / "seg"), "--model", str(result.model_dir)]) == 0
