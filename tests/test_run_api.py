@@ -290,3 +290,18 @@ def test_automatic_batches_count_the_padded_window_not_the_slice():
     assert pixels == 512 * 512
     assert auto_batch_size(torch.device("cpu"), pixels) == 1
     assert predictor._network_pixels((600, 700)) == 600 * 700  # sliding window: the slice itself
+
+
+def test_a_shard_part_left_by_another_run_is_not_merged(tmp_path, model):
+    folder = _nifti_folder(tmp_path / "scans", n=3)
+    out = tmp_path / "out"
+    for index in (0, 1):
+        medseg.segment(folder, out, model, formats="nifti", shard=(index, 2))
+    g = read_scan(folder / "case_0.nii.gz").geometry
+    write_nifti(folder / "case_3.nii.gz", phantom(g.shape, seed=3), g)  # the folder grew since
+    report = medseg.segment(folder, out, model, formats="nifti", shard=(0, 2))
+    assert report.path.name == "medseg-run.part0of2.json"  # part 1 is stale: no merge
+    merged = json.loads((out / "medseg-run.json").read_text())
+    assert len(merged["scans"]) == 3  # the earlier, consistent merge stands
+    final = medseg.segment(folder, out, model, formats="nifti", shard=(1, 2))
+    assert final.path.name == "medseg-run.json" and len(final.records) == 4

@@ -2,8 +2,9 @@
 
 Shards run as separate processes (``--shard I/N`` or torchrun ranks) with nothing shared
 but the output folder, so the merge is arbitrated there: a shard merges only when every
-part is complete, only one shard holds the merge lock at a time, and a merge that was
-already written from the same parts is not written (or announced) again.
+part is complete and all come from the same run (same scans, model and formats); only one
+shard holds the merge lock at a time; and a merge already written from the same parts is
+not written (or announced) again.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def merge_shard_reports(out_dir: Path, count: int) -> Path | None:
     texts = [p.read_text() for p in parts]
     datas = [json.loads(t) for t in texts]
     if not all(d["settings"].get("complete") for d in datas):
+        return None
+    plans = {d["settings"].get("plan") for d in datas}
+    if len(plans) > 1:  # a part left by an earlier run over other scans: wait for its rerun
+        logger.warning("shard reports in %s come from different runs; run every shard again to merge them", out_dir)
         return None
     key = hashlib.sha256("".join(texts).encode()).hexdigest()[:16]
     merged_path = out_dir / REPORT_JSON

@@ -175,8 +175,7 @@ def _without_outputs(discovery: Discovery, output_dir: Path) -> Discovery:
     out = output_dir.resolve()
 
     def inside(scan: ScanSource) -> bool:
-        files = [s.path for s in scan.series.slices] if scan.series is not None else [scan.path]
-        return any(out in f.resolve().parents for f in files)
+        return any(out in f.resolve().parents for f in scan.files)
 
     outputs = [s for s in discovery.scans if inside(s)]
     if not outputs:

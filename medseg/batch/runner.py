@@ -90,11 +90,6 @@ def remove_stale_temporaries(out_dir: Path, finals: set[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def scan_files(scan: ScanSource) -> list[Path]:
-    """Every file the scan's voxels come from."""
-    return [s.path for s in scan.series.slices] if scan.series is not None else [scan.path]
-
-
 def fingerprint(key: str, model_hash: str, options: BatchOptions) -> str:
     """Changes when the input files (``key``, see ``input_key``), the model or the output
     options change."""
@@ -236,6 +231,7 @@ class BatchRunner:
                 "device": str(getattr(self.predictor, "device", "cpu")),
                 "formats": list(self.options.formats),
                 "shard": f"{index}/{count}",
+                "plan": _plan_key(discovery, self.options, self.model_hash),
             },
             notes=self._run_notes(mine),
             path=self.out_dir / self.report_name,
@@ -312,7 +308,7 @@ class BatchRunner:
     def _done_before(self, scan: ScanSource, before: ScanRecord | None) -> ScanRecord | None:
         """The earlier record, marked skipped, when this scan needs no redoing."""
         try:
-            files_key = input_key(scan_files(scan))
+            files_key = input_key(list(scan.files))  # slices, or a header and its data file
         except OSError:
             return None  # unreadable now: the read stage will say why
         key = fingerprint(files_key, self.model_hash, self.options)
@@ -375,6 +371,14 @@ class BatchRunner:
             fingerprint=self._keys.pop(scan.name, ("", ""))[1],
             volumes_ml=label_volumes_ml(job.labels, volume, spec),
         )
+
+
+def _plan_key(discovery: Discovery, options: BatchOptions, model_hash: str) -> str:
+    """Identifies the whole run every shard belongs to (all scans, model, formats): shard
+    parts are merged only when they share it, never with a part left by another run."""
+    scans = "\n".join(f"{s.name}|{s.path}" for s in discovery.scans)
+    text = f"{scans}|{model_hash}|{sorted(options.formats)}|{options.shard[1]}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class DiskFull(FileProblem):

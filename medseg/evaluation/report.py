@@ -23,7 +23,7 @@ from medseg.data.manifest import Case, load_manifest
 from medseg.errors import FileProblem, MedsegError
 from medseg.evaluation.metrics import dice, surface_metrics
 from medseg.io import read_scan
-from medseg.io.discover import single_scan
+from medseg.io.discover import ScanSource, single_scan
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,9 @@ class Predictions:
         return Path(record.outputs["nifti"])
 
 
-def _input_key(scan) -> str:
-    from medseg.batch.runner import scan_files
-
+def _input_key(scan: ScanSource) -> str:
     try:
-        return input_key(scan_files(scan))
+        return input_key(list(scan.files))
     except OSError:
         return ""
 

@@ -4,9 +4,10 @@ Pitfalls measured on the real series in ../shared/data (see shared/notes/dicom-s
 highdicom pairs mask frame i with source image i by list order, so the sources are sorted
 along the slice normal exactly as the Volume was built and the mask is handed over as a
 (frames, rows, columns) numpy array in that order; missing type-2 attributes are added as
-empty values on copies; a series without Study/Series/SOP UIDs gets no SEG (a SEG must
-reference them); BINARY segment numbers must run 1..N, so label values are renumbered and
-the value is kept in each segment's label.
+empty values on copies; a series without Study/Series/SOP UIDs or a FrameOfReferenceUID
+gets no SEG (a SEG must reference them; highdicom fails on a missing frame of reference);
+BINARY segment numbers must run 1..N, so label values are renumbered and the value is kept
+in each segment's label.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from medseg.spec import LabelSpec
 logger = logging.getLogger(__name__)
 
 SEG_TYPES = ("binary", "labelmap")
-_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
 _TYPE2 = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber", "Manufacturer",
@@ -36,6 +37,14 @@ class DicomSegUnavailable(MedsegError):
     """The source series cannot be referenced by a SEG (a warning in run reports)."""
 
 
+def _missing_uids(ds) -> str:
+    """The required UIDs ``ds`` lacks, as "empty A, B; no C" ("" when it has them all)."""
+    empty = [uid for uid in _REQUIRED_UIDS if uid in ds and not str(ds.get(uid) or "").strip()]
+    absent = [uid for uid in _REQUIRED_UIDS if uid not in ds]
+    parts = ([f"empty {', '.join(empty)}"] if empty else []) + ([f"no {', '.join(absent)}"] if absent else [])
+    return "; ".join(parts)
+
+
 def _sources(series: DicomSeries) -> list:
     """Source datasets (no pixel data) sorted along the slice normal, type-2 gaps filled."""
     import pydicom
@@ -43,11 +52,12 @@ def _sources(series: DicomSeries) -> list:
     datasets = []
     for s in ordered_slices(series):
         ds = pydicom.dcmread(s.path, stop_before_pixels=True)
-        missing = [uid for uid in _REQUIRED_UIDS if not str(ds.get(uid, "") or "").strip()]
+        missing = _missing_uids(ds)
         if missing:
             raise DicomSegUnavailable(
-                f"{series.folder}: no DICOM SEG written: the source files have empty {', '.join(missing)}, "
-                "which a SEG must reference (the other outputs were written)"
+                f"{series.folder}: no DICOM SEG written: the source files have {missing}, "
+                "which a SEG must reference (the other outputs were written; set the UIDs, for example "
+                "with pydicom or dcmodify, to get a SEG)"
             )
         ds = copy.deepcopy(ds)
         for keyword in _TYPE2:
@@ -93,7 +103,8 @@ def write_dicom_seg(
     """Write ``labels`` (X=columns, Y=rows, Z=slices in position order, as the Volume read
     from ``series``) as a DICOM SEG at ``path``.
 
-    Raises DicomSegUnavailable when the series lacks the UIDs a SEG must reference.
+    Raises DicomSegUnavailable when the series lacks the UIDs (Study, Series, SOP instance
+    and class, frame of reference) a SEG must reference.
     """
     import highdicom as hd
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless

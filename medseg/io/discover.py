@@ -2,17 +2,27 @@
 
 DICOM files are recognised by content (no suffix needed) and grouped into series across
 folders (a series may be spread over several, and one folder may hold several series).
-Anything else is skipped with a reason, so a run report can list it. Output names come
-from the relative path (plus, for DICOM, the series number, description and a short UID
-hash), reduced to ``[A-Za-z0-9._-]`` and made unique: never a path taken from a DICOM tag.
+Every path passed over is listed as skipped with its reason, so a run report accounts for
+all of them: files that are not scans, folders that cannot be listed, symbolic links to
+folders (not followed: they may loop or lead out of the tree), dangling links, FIFOs, and
+the second sighting of a file found twice. Nothing in a file's content makes discovery
+raise.
+
+Output names come from the relative path (plus, for DICOM, the series number, description
+and a short UID hash), reduced to ``[A-Za-z0-9._-]``, capped at :data:`MAX_NAME_CHARS`
+and made unique by a hash of the scan's own relative path: never a path taken from a DICOM
+tag, and never a running number, so adding a file never hands a name to another scan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+import stat
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +31,7 @@ import numpy as np
 from medseg.errors import ScanError
 from medseg.io import dicom
 from medseg.io.files import sanitise
-from medseg.io.readers import checked, read_file, scan_suffix
+from medseg.io.readers import checked, header_data, read_file, scan_suffix
 from medseg.io.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -29,6 +39,14 @@ logger = logging.getLogger(__name__)
 # Companion data files of header formats: found through their header, never on their own.
 _DATA_SUFFIXES = (".raw", ".raw.gz", ".zraw", ".img", ".img.gz")
 _DICOMDIR = "DICOMDIR"
+_ANALYZE = (
+    "Analyze 7.5 / NIfTI pair (.hdr + .img), which medseg does not read; convert it to one "
+    ".nii.gz file (for example with nibabel or SimpleITK)"
+)
+#: Output base names are cut to this many characters (a hash of the full name replaces the
+#: cut tail): temporary names add the format suffix twice and a random part, and most file
+#: systems refuse names over 255 bytes.
+MAX_NAME_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,18 @@ class ScanSource:
         if self.series is None:
             return ""
         return " ".join(p for p in (self.series.number, self.series.description) if p)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file the scan's voxels come from, as found (not resolved): a series' slice
+        files (broken ones included), an NRRD/MetaImage header followed by the data file(s)
+        it names (``.raw``, ``.raw.gz``, ``.zraw``, ``.img``...; listed even when missing),
+        or the file itself."""
+        if self.series is not None:
+            return self.series.files
+        if self.kind == "nifti":
+            return (self.path,)
+        return tuple(dict.fromkeys((self.path, *header_data(self.path).files)))
 
 
 @dataclass(frozen=True)
@@ -64,66 +94,190 @@ def _kind(suffix: str) -> str:
     return {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd"}.get(suffix, "mha")
 
 
+def _short_hash(text: str, length: int = 6) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def _capped(name: str) -> str:
+    """``name`` cut to MAX_NAME_CHARS, the cut tail replaced by a hash of the whole name."""
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    return f"{name[: MAX_NAME_CHARS - 7]}-{_short_hash(name)}"
+
+
 def _file_name(path: Path, root: Path, suffix: str) -> str:
     relative = path.relative_to(root).as_posix() if path != root else path.name
-    return sanitise(relative[: -len(suffix)].replace("/", "__"))
+    return _capped(sanitise(relative[: -len(suffix)].replace("/", "__")))
 
 
 def _series_name(series: dicom.DicomSeries, folder: Path, root: Path) -> str:
     relative = folder.relative_to(root).as_posix() if folder != root else root.name
     # The UID is hashed, never used verbatim; number and description are sanitised.
-    uid_hash = hashlib.sha1(series.uid.encode()).hexdigest()[:6]
-    parts = [relative.replace("/", "__"), f"S{series.number}" if series.number else "", series.description, uid_hash]
-    return sanitise("_".join(p for p in parts if p))
+    parts = [relative.replace("/", "__"), f"S{series.number}" if series.number else "", series.description]
+    return _capped(sanitise("_".join(p for p in (*parts, _short_hash(series.uid)) if p)))
 
 
-def _unique(names: list[str]) -> list[str]:
-    """Append -2, -3, ... to repeats (case-insensitively: some file systems fold case)."""
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        key = name.lower()
-        seen[key] = seen.get(key, 0) + 1
-        out.append(name if seen[key] == 1 else f"{name}-{seen[key]}")
-    return out
+def _unique(names: list[str], keys: list[str]) -> list[str]:
+    """``names``, each one that several scans share (case-insensitively: some file systems
+    fold case) followed by a hash of its scan's ``key`` (relative paths of its files).
+
+    A name thus depends on its own scan only, never on how many others sort before it: a
+    running number would pass "a-2" to another scan when a file is added.
+    """
+    counts = Counter(n.lower() for n in names)
+    for length in (6, 40):  # 40: the whole hash, should 6 characters meet another name
+        unique = [n if counts[n.lower()] == 1 else f"{n}-{_short_hash(k, length)}" for n, k in zip(names, keys)]
+        if len({n.lower() for n in unique}) == len(unique):
+            break
+    return unique
 
 
-def _common_folder(paths: list[Path]) -> Path:
+def _named(scans: list[ScanSource], root: Path) -> list[ScanSource]:
+    """``scans`` with unique names; clashes are settled by paths relative to ``root``."""
+    keys = ["\n".join(os.path.relpath(p.absolute(), root.absolute()) for p in s.files) for s in scans]
+    names = _unique([s.name for s in scans], keys)
+    return [dataclasses.replace(s, name=n) for s, n in zip(scans, names)]
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte: compare as written
+        return path.absolute()
+
+
+def _without_repeats(scans: list[ScanSource]) -> tuple[list[ScanSource], list[Skipped]]:
+    """``scans`` less those whose files (resolved) were already found: a link to a file of
+    the tree, or one input given twice, is segmented once; the repeat is listed."""
+    first: dict[tuple[Path, ...], ScanSource] = {}
+    repeats: list[Skipped] = []
+    for scan in scans:
+        key = tuple(sorted(_resolved(p) for p in scan.files))
+        if key in first:
+            repeats.append(Skipped(scan.path, f"the same file(s) as {first[key].path}, found twice; segmented once"))
+        else:
+            first[key] = scan
+    return list(first.values()), repeats
+
+
+def _common_folder(paths: Sequence[Path]) -> Path:
     return Path(os.path.commonpath([str(p.parent) for p in paths]))
 
 
-def discover(root: str | Path) -> Discovery:
-    """Every scan under ``root`` (a folder, or a single scan file) and every skipped file."""
-    root = Path(root)
-    if not root.exists():
-        raise ScanError(root, "does not exist", "check the path")
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    base = root.parent if root.is_file() else root
-    found: list[tuple[str, Path, dicom.DicomSeries | None, str]] = []
-    skipped: list[Skipped] = []
+def _passed_over(path: Path) -> str:
+    """Why ``path``, neither a folder nor a regular file, is not read."""
+    if path.is_symlink():
+        if path.is_dir():
+            return "symbolic link to a folder, not followed"
+        if not path.exists():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return f"dangling symbolic link to {target} (its target does not exist or loops)"
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        return f"cannot be examined ({err.strerror or err})"
+    if stat.S_ISFIFO(mode):
+        return "named pipe (FIFO), not a file: not read (reading it could wait forever)"
+    kind = "socket" if stat.S_ISSOCK(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special"
+    return f"{kind} file, not a regular file: not read"
+
+
+def _walk(folder: Path, skipped: list[Skipped], seen: set[tuple[int, int]]) -> Iterator[Path]:
+    """Regular files under ``folder``, sorted, depth first (links to files included); every
+    other entry goes to ``skipped`` with the reason. ``seen`` guards against loops."""
+    try:
+        info = folder.stat()
+        if (info.st_dev, info.st_ino) in seen:
+            skipped.append(Skipped(folder, "folder already searched (a loop or bind mount); not searched again"))
+            return
+        seen.add((info.st_dev, info.st_ino))
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+    except OSError as err:
+        skipped.append(Skipped(folder, f"folder cannot be listed ({err.strerror or err}); its files were not searched"))
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _walk(path, skipped, seen)
+            elif entry.is_file():  # follows a link to a file: read like the file
+                yield path
+            else:
+                skipped.append(Skipped(path, _passed_over(path)))
+        except OSError as err:
+            skipped.append(Skipped(path, f"cannot be examined ({err.strerror or err})"))
+
+
+def _by_suffix(path: Path, base: Path) -> ScanSource | Skipped | None:
+    """What ``path``'s name says it is; None when only its content can tell (DICOM)."""
+    suffix = scan_suffix(path)
+    lower = path.name.lower()
+    if lower.endswith(".seg.nrrd"):
+        return Skipped(path, "3D Slicer segmentation (.seg.nrrd), not a scan")
+    if suffix is not None:
+        return ScanSource(_kind(suffix), path, _file_name(path, base, suffix))
+    if path.name.upper() == _DICOMDIR:
+        return Skipped(path, "DICOMDIR index (its series are found by walking the folder)")
+    if lower.endswith(".hdr") and path.with_suffix(".img").is_file():
+        return Skipped(path, _ANALYZE)
+    return None
+
+
+def _data_file_reason(path: Path, headers: dict[Path, Path]) -> str:
+    header = headers.get(Path(os.path.normpath(path.absolute())))
+    if header is not None:
+        return f"data file of {header.name} (read through it)"
+    if path.name.lower().endswith(".img") and path.with_suffix(".hdr").is_file():
+        return _ANALYZE
+    return "data file of a header format (.mhd/.nhdr), but no header found here names it"
+
+
+def _scans(files: list[Path], base: Path, skipped: list[Skipped]) -> list[ScanSource]:
+    """The scans among ``files`` (names relative to ``base``); the rest go to ``skipped``."""
+    found: list[ScanSource] = []
+    data_files: list[Path] = []
     others: list[Path] = []
     for path in files:
-        suffix = scan_suffix(path)
-        name = path.name.lower()
-        if name.endswith(".seg.nrrd"):
-            skipped.append(Skipped(path, "3D Slicer segmentation (.seg.nrrd), not a scan"))
-        elif suffix is not None:
-            found.append((_kind(suffix), path, None, _file_name(path, base, suffix)))
-        elif path.name.upper() == _DICOMDIR:
-            skipped.append(Skipped(path, "DICOMDIR index (its series are found by walking the folder)"))
-        elif name.endswith(_DATA_SUFFIXES):
-            skipped.append(Skipped(path, "data file of a header format (read through its .mhd/.nhdr)"))
+        judged = _by_suffix(path, base)
+        if isinstance(judged, ScanSource):
+            found.append(judged)
+        elif isinstance(judged, Skipped):
+            skipped.append(judged)
+        elif path.name.lower().endswith(_DATA_SUFFIXES):
+            data_files.append(path)
         else:
             others.append(path)
+    headers = {Path(os.path.normpath(d.absolute())): s.path for s in found for d in s.files[1:]}
+    skipped += [Skipped(p, _data_file_reason(p, headers)) for p in data_files]
     slices, not_images = dicom.scan_files(others)
-    skipped += [Skipped(p, reason) for p, reason in not_images]
-    for series in dicom.group_series(slices):
-        folder = _common_folder([s.path for s in series.slices])
-        found.append(("dicom", folder, series, _series_name(series, folder, base)))
-    found.sort(key=lambda f: (str(f[1]), f[3]))
-    names = _unique([f[3] for f in found])
-    scans = tuple(ScanSource(kind, path, name, series) for (kind, path, series, _), name in zip(found, names))
-    return Discovery(root, scans, tuple(sorted(skipped, key=lambda s: str(s.path))))
+    series, orphans = dicom.group_series(slices)
+    skipped += [Skipped(p, reason) for p, reason in (*not_images, *orphans)]
+    for s in series:
+        folder = _common_folder(s.files)
+        found.append(ScanSource("dicom", folder, _series_name(s, folder, base), s))
+    return sorted(found, key=lambda f: (str(f.path), f.name))
+
+
+def discover(root: str | Path) -> Discovery:
+    """Every scan under ``root`` (a folder, or a single scan file) and every path passed
+    over with the reason. Raises ScanError only when ``root`` itself does not exist."""
+    root = Path(root)
+    if not os.path.lexists(root):
+        raise ScanError(root, "does not exist", "check the path")
+    skipped: list[Skipped] = []
+    if root.is_dir():  # a link given as the root is followed: the user named it
+        base, files = root, list(_walk(root, skipped, set()))
+    else:
+        base, files = root.parent, [root] if root.is_file() else []
+        if not files:
+            skipped.append(Skipped(root, _passed_over(root)))
+    scans, repeats = _without_repeats(_scans(files, base, skipped))
+    scans = _named(scans, base)
+    return Discovery(root, tuple(scans), tuple(sorted((*skipped, *repeats), key=lambda s: str(s.path))))
 
 
 @dataclass(frozen=True)
@@ -159,11 +313,11 @@ def discover_all(inputs: Sequence[str | Path | ScanInput], series_uid: str | Non
             scans += part.scans
     if series_uid is not None and not scans:
         _only_series((), series_uid, requests[0].path)
-    names = _unique([s.name for s in scans])
-    unique = tuple(ScanSource(s.kind, s.path, n, s.series) for s, n in zip(scans, names))
     paths = [str(r.path.absolute()) for r in requests]
     root = requests[0].path if len(requests) == 1 else Path(os.path.commonpath(paths))
-    return Discovery(root, unique, tuple(k for p in parts for k in p.skipped))
+    scans, repeats = _without_repeats(scans)
+    unique = _named(scans, root if root.is_dir() else root.parent)
+    return Discovery(root, tuple(unique), (*(k for p in parts for k in p.skipped), *repeats))
 
 
 def header_info(scan: ScanSource) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -186,11 +340,15 @@ def header_info(scan: ScanSource) -> tuple[tuple[int, ...], tuple[float, ...]]:
         return (), ()
 
 
-def read_source(scan: ScanSource) -> Volume:
-    """The Volume of a discovered scan (a DICOM series is read from its known slices)."""
+def read_source(scan: ScanSource, max_voxels: int | None = None) -> Volume:
+    """The Volume of a discovered scan (a DICOM series is read from its known slices).
+
+    ``max_voxels`` (default ``medseg.io.readers.MAX_VOXELS``) bounds the size a header may
+    declare; larger scans are refused before their voxels are read. Raises ScanError.
+    """
     if scan.series is not None:
-        return checked(dicom.read_series(scan.series))
-    return read_file(scan.path)
+        return checked(dicom.read_series(scan.series, max_voxels))
+    return read_file(scan.path, max_voxels)
 
 
 def single_scan(source: Path, series_uid: str | None = None) -> ScanSource:

@@ -72,6 +72,20 @@ def test_series_without_uids_is_refused(tmp_path):
     assert not (tmp_path / "s.dcm").exists()
 
 
+def test_series_without_frame_of_reference_is_refused_as_unavailable(tmp_path):
+    """highdicom fails on it; as a DicomSegUnavailable it is a warning and the other outputs stand."""
+    geometry = make_geometry((8, 8, 3))
+    paths = write_dicom_series(tmp_path / "series", np.zeros(geometry.shape), geometry)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        del ds.FrameOfReferenceUID
+        ds.save_as(p)
+    series = discover(tmp_path / "series").scans[0].series
+    with pytest.raises(DicomSegUnavailable, match=r"series: no DICOM SEG written: .* no FrameOfReferenceUID"):
+        write_dicom_seg(np.zeros(geometry.shape, np.uint8), series, LABELS, tmp_path / "s.dcm")
+    assert not (tmp_path / "s.dcm").exists()
+
+
 @pytest.mark.realdata
 def test_real_mr_crop_series_seg(shared_data, tmp_path):
     """Study1 lacks type-2 patient attributes; the SEG is still valid and position-exact."""
