@@ -247,16 +247,26 @@ def test_an_output_folder_inside_the_input_tree_is_not_segmented_next_time(tmp_p
     assert any("inside the output folder" in s["reason"] for s in again.skipped_files)
 
 
-def test_start_up_clean_up_removes_only_this_runs_temporaries(tmp_path, model):
+def test_start_up_clean_up_removes_only_this_runs_temporaries_of_dead_writers(tmp_path, model):
+    import subprocess
+    import sys
+
     folder = _nifti_folder(tmp_path / "scans", n=1)
     out = tmp_path / "out"
     out.mkdir()
-    mine = out / ".case_0.nii.gz.0badc0de.tmp.nii.gz"  # left by a killed run of this scan
-    users = [out / ".notes.tmp.txt", out / ".backup.tmp", out / ".other.nii.gz.0badc0de.tmp.nii.gz"]
-    for path in (mine, *users):
-        path.write_text("x")
-    medseg.segment(folder, out, model, formats="nifti")
-    assert not mine.exists() and all(p.exists() for p in users)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        leftover = out / f".case_0.nii.gz.medseg-{dead}-0badc0de.tmp.nii.gz"  # a killed run's
+        in_flight = out / f".case_0.seg.nrrd.medseg-{alive.pid}-0badc0de.tmp.seg.nrrd"  # a live writer's
+        users = [out / ".notes.tmp.txt", out / ".backup.tmp", out / f".other.nii.gz.medseg-{dead}-0badc0de.tmp.nii.gz"]
+        for path in (leftover, in_flight, *users):
+            path.write_text("x")
+        medseg.segment(folder, out, model, formats="nifti,seg.nrrd")  # both are this run's files
+        assert not leftover.exists() and in_flight.exists() and all(p.exists() for p in users)
+    finally:
+        alive.kill()
 
 
 def test_resume_redoes_scans_after_model_json_changes_or_an_output_is_emptied(tmp_path, tiny_model_dir):

@@ -13,7 +13,6 @@ import dataclasses
 import errno
 import hashlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +31,7 @@ from medseg.inference.options import Progress
 from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
 from medseg.inference.segment import segment_volume, segment_volume_with_probabilities
 from medseg.io.discover import Discovery, ScanSource, read_source
+from medseg.io.files import stale_temporary
 from medseg.io.formats import (
     DEFAULT_FORMATS,
     FORMATS,
@@ -73,19 +73,14 @@ class BatchOptions:
         return "medseg-run.json" if count == 1 else f"medseg-run.part{index}of{count}.json"
 
 
-# atomic_path's temporary names: ".{final name}.{8 hex digits}.tmp{suffixes}".
-_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.[0-9a-f]{8}\.tmp(\.[^/]*)?$")
-
-
 def remove_stale_temporaries(out_dir: Path, finals: set[str]) -> None:
     """Delete the temporary files a killed run left for the outputs named ``finals``.
 
-    Only medseg's own temporary names of this run's files qualify: a user's file, or the
-    in-flight temporary of another shard writing into the same folder, is left alone.
+    Only medseg's own temporary names, of processes that are gone, for this run's files
+    qualify: a user's file, or another process's write in flight, is left alone.
     """
     for tmp in out_dir.glob(".*.tmp*"):
-        match = _TEMPORARY.match(tmp.name)
-        if match and match["final"] in finals and tmp.is_file():
+        if stale_temporary(tmp) in finals:
             logger.info("removing %s left by an interrupted run", tmp.name)
             tmp.unlink(missing_ok=True)
 

@@ -12,6 +12,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+# ".{final name}.medseg-{pid}-{8 hex}.tmp{suffixes}": unmistakably medseg's, and owned by
+# the process that writes it, so a clean-up can tell a dead run's leftover from a live one's.
+_TEMPORARY = re.compile(r"^\.(?P<final>.+)\.medseg-(?P<pid>\d+)-[0-9a-f]{8}\.tmp(\.[^/]*)?$")
+
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
@@ -20,13 +24,31 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final = Path(final)
     double = final.name.endswith((".nii.gz", ".seg.nrrd"))
     suffixes = "".join(final.suffixes[-2:]) if double else final.suffix
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp{suffixes}")
+    tmp = final.with_name(f".{final.name}.medseg-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffixes}")
     try:
         yield tmp
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def stale_temporary(path: Path) -> str | None:
+    """The final name whose write left ``path``, when ``path`` is an atomic_path temporary
+    of a process that no longer runs; None otherwise (a user's file, or a live write)."""
+    match = _TEMPORARY.match(path.name)
+    if match is None or not path.is_file():
+        return None
+    pid = int(match["pid"])
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return match["final"]
+    except PermissionError:
+        return None  # alive, another user's
+    return None
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
