@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--shard", type=_shard_arg, help="I/N: segment every N-th scan from the I-th (0-based); torchrun sets it"
     )
-    seg.add_argument("--quiet", action="store_true", help="no progress bars or per-scan lines; warnings and errors")
+    seg.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or per-scan lines; warnings and errors"
+    )
     seg.add_argument("--model", type=Path, help="model folder (default: the bundled hippocampus-mr model)")
     seg.add_argument(
         "--device", type=_checked(check_device), default="auto", help="auto (CUDA when present), cpu, cuda[:N]"
@@ -279,11 +281,13 @@ def _configure_logging(verbose: bool, quiet: bool = False) -> None:
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     for name in _QUIET_LIBRARIES:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        # Their warnings are about header details medseg already judges and reports itself.
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         warnings.filterwarnings("ignore", category=FutureWarning, module="monai")
         warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
         warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="numpy")
 
 
 class _ProgressBar:
@@ -343,7 +347,7 @@ def _progress(quiet: bool, lines: bool = True):
                     "FAILED  %s at %s: %s\n        fix: %s", record.name, record.stage, record.error, record.hint
                 )
             elif lines and not quiet:
-                first = next(iter(record.outputs.values()), "")
+                first = next(iter(record.outputs.values()), "(nothing written)")
                 done = "done before" if record.status == "skipped" else f"{record.seconds:.1f} s"
                 _say(f"{record.status:7s} {record.name} -> {first} ({done})")
                 for warning in record.warnings:

@@ -260,6 +260,9 @@ def build_ensemble(
     folder = Path(folder)
     if len(members) < 2:
         raise ModelError(folder, "an ensemble needs at least two member models", "pass two or more model folders")
+    for source in members.values():  # copying a folder into itself never ends
+        if Path(source).resolve() == folder.resolve() or Path(source).resolve() in folder.resolve().parents:
+            raise ModelError(folder, f"lies inside the member folder {source}", "write the ensemble elsewhere")
     if folder.exists() and not overwrite:
         raise ModelError(folder, "already exists", "choose a new output folder or pass --overwrite")
     specs = {member: load_spec(Path(source)) for member, source in members.items()}

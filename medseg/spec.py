@@ -152,6 +152,14 @@ class ModelSpec:
         names = [lab.name for lab in self.labels]
         if len(set(names)) != len(names):
             raise ConfigError(f"label names must be unique, got {names}")
+        from medseg.io.files import sanitise
+
+        # File names (probability maps) and colour tables use the sanitised name: "a b" and
+        # "a_b" would write one file over the other.
+        safe = [sanitise(n).lower() for n in names]
+        if len(set(safe)) != len(safe):
+            clash = sorted({n for n, s in zip(names, safe) if safe.count(s) > 1})
+            raise ConfigError(f"label names {clash} become the same file name; rename one of them")
 
     def _check_choices(self) -> None:
         from medseg.inference.postprocess import POSTPROCESS

@@ -193,3 +193,26 @@ def test_saved_files_are_readable_as_the_umask_allows(tmp_path, umask, mode):
         os.umask(old)
     for name in ("weights.safetensors", SPEC_FILE):
         assert (tmp_path / "m" / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_label_names_that_share_a_file_name_are_refused():
+    from medseg.errors import ConfigError
+    from medseg.spec import LabelSpec, ModelSpec, NetworkSpec
+
+    labels = (LabelSpec(0, "background", (0, 0, 0)), LabelSpec(1, "a b", (1, 2, 3)), LabelSpec(2, "a_b", (4, 5, 6)))
+    with pytest.raises(ConfigError, match="become the same file name"):
+        ModelSpec(labels=labels, network=NetworkSpec(out_channels=3, base_channels=4))
+
+
+def test_an_ensemble_is_not_written_inside_a_member(tmp_path, tiny_model_dir):
+    import shutil
+
+    from medseg.errors import ModelError
+    from medseg.model import build_ensemble
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(tiny_model_dir, b)
+    with pytest.raises(ModelError, match="lies inside the member folder"):
+        build_ensemble({"a": a, "b": b}, a / "inner")
+    assert not (a / "inner").exists()

@@ -244,7 +244,7 @@ def test_an_output_folder_inside_the_input_tree_is_not_segmented_next_time(tmp_p
     again = medseg.segment(folder, out, model, formats="nifti")
     assert sorted(r.name for r in again.records) == ["case_0", "case_1"]
     assert {r.status for r in again.records} == {"skipped"}
-    assert any("inside the output folder" in s["reason"] for s in again.skipped_files)
+    assert any("in a medseg output folder" in s["reason"] for s in again.skipped_files)
 
 
 def test_start_up_clean_up_removes_only_this_runs_temporaries_of_dead_writers(tmp_path, model):
@@ -315,3 +315,27 @@ def test_a_shard_part_left_by_another_run_is_not_merged(tmp_path, model):
     assert len(merged["scans"]) == 3  # the earlier, consistent merge stands
     final = medseg.segment(folder, out, model, formats="nifti", shard=(1, 2))
     assert final.path.name == "medseg-run.json" and len(final.records) == 4
+
+
+def test_relative_and_absolute_spellings_are_the_same_scan(tmp_path, model, monkeypatch):
+    """segment with relative paths, evaluate and resume with absolute ones (or from another
+    working directory): the same files, not stale ones."""
+    folder = _nifti_folder(tmp_path / "scans", n=2)
+    monkeypatch.chdir(tmp_path)
+    first = medseg.segment("scans", "out", model, formats="nifti")
+    assert Path(first.records[0].input).is_absolute() and Path(first.records[0].outputs["nifti"]).is_absolute()
+    monkeypatch.chdir(folder)
+    again = medseg.segment(folder, tmp_path / "out", model, formats="nifti")
+    assert {r.status for r in again.records} == {"skipped"}
+
+
+def test_another_runs_output_folder_is_not_segmented(tmp_path, model):
+    folder = _nifti_folder(tmp_path / "scans", n=2)
+    medseg.segment(folder, folder / "out", model, formats="nifti")
+    report = medseg.segment(folder, folder / "out2", model, formats="nifti")  # another -o, same tree
+    assert sorted(r.name for r in report.records) == ["case_0", "case_1"]
+
+
+def test_an_empty_input_path_is_refused(tmp_path, model):
+    with pytest.raises(ValueError, match="empty path"):
+        medseg.segment("", tmp_path / "out", model)

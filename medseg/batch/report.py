@@ -147,7 +147,9 @@ def load_records(out_dir: Path, name: str = REPORT_JSON) -> dict[str, ScanRecord
 def input_key(files: list[Path]) -> str:
     """Changes when any of ``files`` (the scan's input files) changes: path, size, time."""
     digest = hashlib.sha256()
-    for path in sorted(files):
+    # Resolved, so the same file named relatively by segment and absolutely by evaluate
+    # (or from another working directory) gives the same key.
+    for path in sorted(p.resolve() for p in files):
         stat = path.stat()
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]

@@ -88,7 +88,7 @@ def segment(
 
     options = BatchOptions(names, overwrite, shard or (0, 1), write)
     resolve_device(inference.device)  # "cuda" on a machine without one: said before any work
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).absolute()
     if output_dir.exists() and not output_dir.is_dir():
         raise FileProblem(output_dir, "is a file, not a folder", "give -o a folder (it is created if missing)")
     _refuse_inputs_inside(output_dir, requests)
@@ -110,7 +110,13 @@ def _as_list(inputs: Inputs) -> list[str | Path | ScanInput]:
         raise TypeError(f"inputs must be paths or ScanInputs, got {bad[0]!r}")
     if not items:
         raise ValueError("no inputs given: pass scan files, DICOM folders or folders of scans")
-    return list(items)
+    if any(not str(i.path if isinstance(i, ScanInput) else i).strip() for i in items):
+        raise ValueError("an input is an empty path (it would mean the current folder); name the scans")
+    # Absolute, so the report names files that evaluate and later runs find from anywhere.
+    return [
+        ScanInput(Path(i.path).absolute(), i.series_uid) if isinstance(i, ScanInput) else Path(i).absolute()
+        for i in items
+    ]
 
 
 def _check_arguments(output_dir: object, overwrite: object, shard: object) -> None:
@@ -175,14 +181,19 @@ def _without_outputs(discovery: Discovery, output_dir: Path) -> Discovery:
     out = output_dir.resolve()
 
     def inside(scan: ScanSource) -> bool:
-        return any(out in f.resolve().parents for f in scan.files)
+        # This run's output folder, or any other folder a medseg run wrote (its report is there).
+        return any(out in f.resolve().parents or _holds_run_report(f.parent) for f in scan.files)
 
     outputs = [s for s in discovery.scans if inside(s)]
     if not outputs:
         return discovery
-    skipped = [Skipped(s.path, "inside the output folder (medseg's outputs are not scans)") for s in outputs]
+    skipped = [Skipped(s.path, "in a medseg output folder (medseg's outputs are not scans)") for s in outputs]
     scans = tuple(s for s in discovery.scans if not inside(s))
     return Discovery(discovery.root, scans, (*discovery.skipped, *skipped))
+
+
+def _holds_run_report(folder: Path) -> bool:
+    return (folder / "medseg-run.json").is_file() or any(folder.glob("medseg-run.part*of*.json"))
 
 
 def _nothing_found(discovery: Discovery) -> ScanError:

@@ -98,6 +98,8 @@ def _hint(err: Exception) -> str:
         return err.hint
     if isinstance(err, MemoryError):
         return "not enough memory for this scan: close other programs or use a smaller --batch-size"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "the disk is full: free some space, then run the same command again"
     if isinstance(err, OSError):
         return "check permissions and free space of the input and output folders"
     return "unexpected: please report it with this run report"
@@ -107,6 +109,8 @@ def _error_text(err: Exception) -> str:
     """The error without its hint (the record keeps the hint in its own field, said once)."""
     if isinstance(err, FileProblem):
         return f"{type(err).__name__}: {err.path}: {err.problem}"
+    if isinstance(err, OSError) and err.filename:
+        return f"{type(err).__name__}: {Path(err.filename).name}: {err.strerror or err}"
     return f"{type(err).__name__}: {err}"
 
 
@@ -351,7 +355,9 @@ class BatchRunner:
         modality = scan.series.slices[0].modality if scan.series is not None else ""
         warnings += result_warnings(job.labels, volume, spec, modality)
         if not paths:
-            warnings.append(f"nothing written: {', '.join(self.options.formats)} apply to DICOM inputs only")
+            warnings.append(
+                f"nothing written: --formats {','.join(self.options.formats)} is written for DICOM inputs only"
+            )
         timings = {**job.timings, "write": time.perf_counter() - start}
         return ScanRecord(
             **self._base(scan),
