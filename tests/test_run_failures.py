@@ -162,3 +162,30 @@ def test_records_carry_volumes_and_doubts(folder, tmp_path, model):
     # 2.5 mm slices lie more than twice the training spacing (1 mm): said; the size is in range.
     assert any("spacing" in w and "outside the training data" in w for w in record.warnings)
     assert not any(w.startswith("shape") for w in record.warnings)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(folder, tmp_path, model):
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".medseg-run.json.lock").write_text(str(alive.pid))  # the first run's lock
+        with pytest.raises(FileProblem, match=rf"another medseg run \(process {alive.pid}\)"):
+            medseg.segment(folder, out, model, formats="nifti")
+    finally:
+        alive.kill()
+        alive.wait()
+    # Its process is gone (killed): the lock is stale and taken over.
+    report = medseg.segment(folder, out, model, formats="nifti")
+    assert len(report.records) == 3 and not (out / ".medseg-run.json.lock").exists()
+
+
+def test_a_scan_that_became_unreadable_names_its_stale_outputs(folder, tmp_path, model):
+    out = tmp_path / "out"
+    medseg.segment(folder, out, model, formats="nifti")
+    (folder / "case_1.nii.gz").write_bytes(b"broken since")
+    record = next(r for r in medseg.segment(folder, out, model, formats="nifti").records if r.name == "case_1")
+    assert record.status == "failed" and record.stage == "read"
+    assert record.warnings == ("outputs of an earlier run remain and are stale: case_1.nii.gz, case_1.ctbl",)

@@ -9,13 +9,15 @@ that scan's outputs are renamed into place (from the writer thread), not one sca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from medseg.inference.options import Progress
 from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
 from medseg.inference.segment import segment_volume, segment_volume_with_probabilities
 from medseg.io.discover import Discovery, ScanSource, read_source
-from medseg.io.files import stale_temporary
+from medseg.io.files import process_alive, stale_temporary
 from medseg.io.formats import (
     DEFAULT_FORMATS,
     FORMATS,
@@ -147,6 +149,7 @@ class BatchRunner:
         self._keys: dict[str, tuple[str, str]] = {}  # scan name -> (input key, fingerprint), when planned
         self._lock = threading.Lock()  # records arrive from the main and the writer thread
         self._stop: Exception | None = None  # set when going on cannot help (a full disk)
+        self._previous: dict[str, ScanRecord] = {}  # the earlier run's records in out_dir
 
     @property
     def report_name(self) -> str:
@@ -155,11 +158,17 @@ class BatchRunner:
     def run(self, discovery: Discovery, progress: RunProgress | None = None) -> RunReport:
         """Segment this shard's scans (those done before with the same inputs are kept); the
         report is rewritten after every scan so an interrupted run leaves an accurate one."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with _run_lock(self.out_dir, self.report_name):
+            return self._run(discovery, progress)
+
+    def _run(self, discovery: Discovery, progress: RunProgress | None) -> RunReport:
         progress = progress or RunProgress()
         index, count = self.options.shard
         mine = discovery.scans[index::count]
         report = self._new_report(discovery, mine)
-        previous = {} if self.options.overwrite else load_records(self.out_dir, self.report_name)
+        self._previous = load_records(self.out_dir, self.report_name)
+        previous = {} if self.options.overwrite else self._previous
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir, self._finals(mine))
         self._save(report)  # the run is on record before its first scan
@@ -295,6 +304,9 @@ class BatchRunner:
     def _failed(self, scan: ScanSource, stage: str, err: Exception, seconds: float) -> ScanRecord:
         # Said to the user once, by whoever shows the records (the CLI's per-scan line).
         logger.debug("%s: failed at %s", scan.name, stage, exc_info=err)
+        earlier = [
+            p for p in self._previous.get(scan.name, ScanRecord("", "", "", "")).outputs.values() if Path(p).is_file()
+        ]
         return ScanRecord(
             **self._base(scan),
             status="failed",
@@ -302,6 +314,10 @@ class BatchRunner:
             error=_error_text(err),
             hint=_hint(err),
             seconds=round(seconds, 3),
+            # A failure never lets an older result pass for this one unmentioned.
+            warnings=(f"outputs of an earlier run remain and are stale: {', '.join(Path(p).name for p in earlier)}",)
+            if earlier
+            else (),
         )
 
     def _done_before(self, scan: ScanSource, before: ScanRecord | None) -> ScanRecord | None:
@@ -372,6 +388,44 @@ class BatchRunner:
             fingerprint=self._keys.pop(scan.name, ("", ""))[1],
             volumes_ml=label_volumes_ml(job.labels, volume, spec),
         )
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: Path, report_name: str) -> Iterator[None]:
+    """One run at a time per report in ``out_dir``: two runs of the same scans into one folder
+    would overwrite each other's outputs and report. Shards have reports of their own. A lock
+    left by a process that is gone (killed) is taken over."""
+    lock = out_dir / f".{report_name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None:
+                raise FileProblem(
+                    out_dir,
+                    f"another medseg run (process {owner}) is writing {report_name} here",
+                    "wait for it to finish, use another output folder, or split one run with --shard I/N",
+                ) from None
+            lock.unlink(missing_ok=True)  # its process is gone
+    else:
+        raise FileProblem(out_dir, "its run lock cannot be taken", f"remove {lock.name} if no medseg run is active")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_owner(lock: Path) -> int | None:
+    """The pid holding ``lock`` when that process still runs, else None."""
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and process_alive(pid) else None
 
 
 def _plan_key(discovery: Discovery, options: BatchOptions, model_hash: str) -> str:

@@ -40,15 +40,18 @@ def stale_temporary(path: Path) -> str | None:
     if match is None or not path.is_file():
         return None
     pid = int(match["pid"])
-    if pid == os.getpid():
-        return None
+    return None if pid == os.getpid() or process_alive(pid) else match["final"]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (on this machine)."""
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
-        return match["final"]
+        return False
     except PermissionError:
-        return None  # alive, another user's
-    return None
+        return True  # alive, another user's
+    return True
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:

@@ -143,6 +143,7 @@ def _read_nifti(path: Path, limit: int) -> Volume:
             "convert it to one intensity per voxel first (or split the colours into separate scans)",
         )
     check_voxel_count(path, shape, limit)
+    _check_pixdim(path, img)
     declared = int(proxy.offset) + int(np.prod(shape)) * dtype.itemsize
     if path.name.lower().endswith(".gz"):
         _check_gzip_length(path, declared)
@@ -162,6 +163,29 @@ def _read_nifti(path: Path, limit: int) -> Volume:
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(img.affine, dtype=np.float64)
     geometry = grid(path, spatial, lps[:3, :3], lps[:3, 3])
     return Volume(np.ascontiguousarray(np.moveaxis(array, -1, 0)), geometry, path, notes=notes)
+
+
+def _check_pixdim(path: Path, img) -> None:
+    """Refuse zero, negative or non-finite voxel sizes where the header's pixdim places the
+    voxels (no sform). nibabel quietly turns such sizes into 1 mm when it loads a header,
+    so the header is read again as stored."""
+    from nibabel.openers import ImageOpener
+
+    if int(img.header["sform_code"]) > 0:
+        return  # the sform places the voxels; it is checked with the grid
+    try:
+        with ImageOpener(str(path)) as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        sizes = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # the header was readable a moment ago; leave the grid check to judge
+        return
+    if not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
+        raise ScanError(
+            path,
+            f"has voxel sizes {tuple(float(v) for v in sizes)} mm in its header (pixdim): "
+            "zero, negative or not a number",
+            "fix the header (the voxel spacing) or re-export the scan",
+        )
 
 
 def _unreadable_nifti(path: Path, err: Exception) -> ScanError:

@@ -232,3 +232,20 @@ def test_metaimage_without_its_raw_names_the_missing_file(tmp_path):
     with pytest.raises(ScanError, match=r"scan\.mhd: names the data file scan\.raw, which is missing") as err:
         read_scan(tmp_path / "scan.mhd")
     assert "put scan.raw beside scan.mhd" in err.value.hint
+
+
+@pytest.mark.parametrize(("pixdim", "qform_code"), [((0.0, 1.0, 1.0), 0), ((-1.0, 1.0, 1.0), 1)])
+def test_zero_or_negative_pixdim_without_sform_is_refused(tmp_path, pixdim, qform_code):
+    import nibabel as nib
+
+    from medseg.errors import ScanError
+    from medseg.io import read_scan
+
+    path = tmp_path / "bad.nii"
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 4), np.float32), np.eye(4)), str(path))
+    data = bytearray(path.read_bytes())
+    data[80:92] = np.asarray(pixdim, "<f4").tobytes()  # pixdim[1:4] as stored
+    data[252:256] = np.asarray([qform_code, 0], "<i2").tobytes()  # qform_code, sform_code (none)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ScanError, match=r"bad.nii: has voxel sizes .* zero, negative"):
+        read_scan(path)
