@@ -32,6 +32,8 @@ warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
+
 from medseg.bundled import default_model_dir  # noqa: E402
 from medseg.model import load_model, load_spec  # noqa: E402
 
@@ -129,6 +131,7 @@ def main() -> None:
         report = json.loads((tmp / "one-nifti,seg.nrrd" / "medseg-run.json").read_text())
 
     base = seconds["medseg, one call (nifti)"]
+    print(cpu_line())  # every figure comes with the CPU that made it
     print(f"{args.scans} volumes of 36x50x40, bundled model, {torch.get_num_threads()} threads")
     for name, s in seconds.items():
         print(f"{name:42s} {s:7.1f} s  {args.scans / s:6.2f} scans/s  time / one-call {s / base:5.2f}x")

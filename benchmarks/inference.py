@@ -30,6 +30,8 @@ import torch
 
 warnings.filterwarnings("ignore")
 
+from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
+
 import medseg  # noqa: E402
 from medseg.io.volume import Geometry  # noqa: E402
 from medseg.io.writers import write_nifti_labels  # noqa: E402
@@ -143,6 +145,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("monai").setLevel(logging.ERROR)
 
+    print(cpu_line())  # every figure comes with the CPU that made it
     shape = (512, 512, args.slices)
     geometry = Geometry(shape, (0.78125, 0.78125, 2.5), (-200.0, -180.0, -300.0), tuple(np.eye(3).ravel()))
     image, truth = ct_phantom(shape)

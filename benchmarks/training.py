@@ -24,6 +24,8 @@ import torch
 
 warnings.filterwarnings("ignore")
 
+from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
+
 from medseg.data.manifest import load_manifest  # noqa: E402
 from medseg.training.config import TrainConfig  # noqa: E402
 from medseg.training.trainer import train  # noqa: E402
@@ -42,6 +44,7 @@ def main() -> None:
 
     base = TrainConfig.load(ROOT / "pipelines" / "configs" / "hippocampus.json")
     config = replace(base, epochs=1, steps_per_epoch=args.steps, warmup_epochs=0, val_every=1)
+    print(cpu_line())  # every figure comes with the CPU that made it
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     print(f"CPU native bf16: {native}; {torch.get_num_threads()} threads; {args.steps} steps of {config.batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
