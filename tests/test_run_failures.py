@@ -189,3 +189,19 @@ def test_a_scan_that_became_unreadable_names_its_stale_outputs(folder, tmp_path,
     record = next(r for r in medseg.segment(folder, out, model, formats="nifti").records if r.name == "case_1")
     assert record.status == "failed" and record.stage == "read"
     assert record.warnings == ("outputs of an earlier run remain and are stale: case_1.nii.gz, case_1.ctbl",)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"device": None}, ValueError, "device must be"),
+        ({"model": 123}, TypeError, "model must be a model folder"),
+        ({"progress": object()}, TypeError, "progress must be a medseg.RunProgress"),
+        ({"batch_size": True}, ValueError, "batch_size must be"),
+    ],
+)
+def test_more_python_argument_errors(folder, tmp_path, model, kwargs, error, needle):
+    kwargs = {"model": model, **kwargs}
+    with pytest.raises(error, match=needle):
+        medseg.segment(folder, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -28,8 +28,9 @@ def part_names(count: int) -> list[str]:
 def merge_shard_reports(out_dir: Path, count: int) -> Path | None:
     """Write ``medseg-run.json``/``.csv`` from all ``count`` parts once every part is complete.
 
-    Returns the merged report's path when it exists for these parts (written now or by
-    another shard), None while some shard is still running.
+    Returns the merged report's path when it exists for these parts (written now, or
+    earlier by another shard), None while some shard is still running or another one is
+    writing the merge at this moment.
     """
     parts = [out_dir / name for name in part_names(count)]
     if not all(p.is_file() for p in parts):
@@ -48,7 +49,7 @@ def merge_shard_reports(out_dir: Path, count: int) -> Path | None:
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return merged_path  # another shard is merging these very parts
+        return None  # another shard is merging these very parts right now, and will say so
     try:
         if _merged_from(merged_path) == key:
             return merged_path

@@ -83,10 +83,18 @@ def segment(
     inference = InferenceOptions(device=device, batch_size=batch_size, precision=precision)
     requests = _as_list(inputs)
     _check_arguments(output_dir, overwrite, shard)
+    if progress is not None and not all(
+        callable(getattr(progress, m, None)) for m in ("run_started", "slices_done", "scan_done")
+    ):
+        raise TypeError("progress must be a medseg.RunProgress (run_started, slices_done, scan_done)")
     from medseg.batch.runner import BatchOptions  # torch and MONAI load here, after the cheap checks
     from medseg.inference.options import resolve_device
 
     options = BatchOptions(names, overwrite, shard or (0, 1), write)
+    from medseg.model import Model
+
+    if model is not None and not isinstance(model, str | Path | Model):
+        raise TypeError(f"model must be a model folder, a loaded Model or None, got {model!r}")
     resolve_device(inference.device)  # "cuda" on a machine without one: said before any work
     output_dir = Path(output_dir).absolute()
     if output_dir.exists() and not output_dir.is_dir():

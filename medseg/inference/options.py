@@ -23,7 +23,7 @@ Progress = Callable[[int, int], None]
 
 def check_device(name: str) -> str:
     """``name`` if it names a device medseg can use ("auto", "cpu", "cuda", "cuda:N")."""
-    if not DEVICE_PATTERN.match(name):
+    if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     return name
 
@@ -42,7 +42,9 @@ class InferenceOptions:
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        if self.batch_size is not None and self.batch_size < 1:
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
