@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--window", type=_pair(int), default=(512, 512), help="largest whole slice, e.g. 256,256")
     init.add_argument("--name", default="medseg-model", help="the model's name (model.json)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    init.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
 
     ens = sub.add_parser(
         "ensemble",
@@ -431,7 +432,7 @@ def _run_init_model(args: argparse.Namespace) -> int:
         window=tuple(args.window),
     )
     spec = layout.to_spec(labels_from_names(names), image_channels=args.in_channels, name=args.name)
-    init_model(args.output, spec, seed=args.seed)
+    init_model(args.output, spec, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote untrained model {args.output} ({len(names)} labels: {', '.join(names)})")
     return EXIT_OK
 

@@ -332,8 +332,14 @@ def _check_members(specs: Mapping[str, ModelSpec], members: Mapping[str, Path]) 
             )
 
 
-def init_model(folder: Path, spec: ModelSpec, seed: int = 0) -> ModelSpec:
-    """Write an untrained model folder (seeded initialisation) and return its saved spec."""
+def init_model(folder: Path, spec: ModelSpec, seed: int = 0, overwrite: bool = True) -> ModelSpec:
+    """Write an untrained model folder (seeded initialisation) and return its saved spec.
+
+    ``overwrite=False`` (the command line's default) refuses a folder that already holds a
+    model, so a trained model is never replaced by an untrained one by mistake.
+    """
+    if not overwrite and (Path(folder) / SPEC_FILE).is_file():
+        raise ModelError(folder, "already holds a model", "choose a new folder, or pass --overwrite to replace it")
     with torch.random.fork_rng(devices=[]):  # seeded here, no global seeding left behind
         torch.manual_seed(seed)
         network = build_network(spec.network)

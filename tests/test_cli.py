@@ -335,3 +335,12 @@ def test_manifest_and_train_refuse_to_replace_without_overwrite(tmp_path, caplog
 
 def test_verbose_after_the_subcommand(tmp_path, capsys):
     assert main(["segment", "--list", str(tmp_path), "-v"]) == 0
+
+
+def test_init_model_does_not_replace_a_model_without_overwrite(tmp_path, caplog):
+    args = ["init-model", "-o", str(tmp_path / "m"), "--labels", "bg,fg", "--base-channels", "4"]
+    assert main(args) == 0
+    before = (tmp_path / "m" / "model.json").read_text()
+    assert main([*args, "--seed", "3"]) == 2 and "already holds a model" in caplog.text
+    assert (tmp_path / "m" / "model.json").read_text() == before
+    assert main([*args, "--seed", "3", "--overwrite"]) == 0
