@@ -304,9 +304,7 @@ class BatchRunner:
     def _failed(self, scan: ScanSource, stage: str, err: Exception, seconds: float) -> ScanRecord:
         # Said to the user once, by whoever shows the records (the CLI's per-scan line).
         logger.debug("%s: failed at %s", scan.name, stage, exc_info=err)
-        earlier = [
-            p for p in self._previous.get(scan.name, ScanRecord("", "", "", "")).outputs.values() if Path(p).is_file()
-        ]
+        stale = self._stale_outputs(scan)
         return ScanRecord(
             **self._base(scan),
             status="failed",
@@ -315,10 +313,13 @@ class BatchRunner:
             hint=_hint(err),
             seconds=round(seconds, 3),
             # A failure never lets an older result pass for this one unmentioned.
-            warnings=(f"outputs of an earlier run remain and are stale: {', '.join(Path(p).name for p in earlier)}",)
-            if earlier
-            else (),
+            warnings=(f"outputs of an earlier run remain and are stale: {', '.join(stale)}",) if stale else (),
         )
+
+    def _stale_outputs(self, scan: ScanSource) -> list[str]:
+        """Names of the files an earlier run wrote for ``scan`` that are still on disk."""
+        before = self._previous.get(scan.name)
+        return [Path(p).name for p in before.outputs.values() if Path(p).is_file()] if before else []
 
     def _done_before(self, scan: ScanSource, before: ScanRecord | None) -> ScanRecord | None:
         """The earlier record, marked skipped, when this scan needs no redoing."""
@@ -375,6 +376,7 @@ class BatchRunner:
                 f"nothing written: --formats {','.join(self.options.formats)} is written for DICOM inputs only"
             )
         timings = {**job.timings, "write": time.perf_counter() - start}
+        files_key, key = self._keys.pop(scan.name, ("", ""))
         return ScanRecord(
             **self._base(scan),
             status="ok",
@@ -384,8 +386,8 @@ class BatchRunner:
             seconds=round(sum(timings.values()), 3),
             timings={k: round(v, 4) for k, v in timings.items()},
             warnings=tuple(warnings),
-            input_key=self._keys.get(scan.name, ("", ""))[0],
-            fingerprint=self._keys.pop(scan.name, ("", ""))[1],
+            input_key=files_key,
+            fingerprint=key,
             volumes_ml=label_volumes_ml(job.labels, volume, spec),
         )
 
