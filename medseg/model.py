@@ -115,7 +115,9 @@ def store_half(folder: Path) -> None:
         save_model(member.folder, member.spec, member.network, half=True)
 
 
-def load_spec(folder: Path) -> ModelSpec:
+def load_spec(folder: str | Path) -> ModelSpec:
+    """The validated ``model.json`` of the model folder ``folder``; ModelError otherwise."""
+    folder = Path(folder)
     spec_path = folder / SPEC_FILE
     if not folder.is_dir():
         raise ModelError(folder, "is not a model folder", "create one with 'medseg init-model' or train one")
