@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench bundle clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check medseg tests pipelines benchmarks
+
+# The bundled model as a MONAI bundle, regenerated from models/hippocampus-mr (a test fails
+# when the committed one is stale).
+bundle: setup
+	$(PY) -m medseg export --model models/hippocampus-mr --format bundle -o pipelines/bundles/hippocampus_mr --overwrite
 
 bench: setup
 	$(PY) benchmarks/inference.py

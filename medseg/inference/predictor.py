@@ -79,11 +79,17 @@ class SlicePredictor:
         self.add_probabilities(image, total, progress)
         return total
 
-    def add_probabilities(self, image: torch.Tensor, total: torch.Tensor, progress: Progress | None = None) -> None:
-        """Add this model's class probabilities for ``image`` into ``total`` (classes, X, Y, Z)."""
+    def add_probabilities(
+        self, image: torch.Tensor, total: torch.Tensor, progress: Progress | None = None, logits: bool = False
+    ) -> None:
+        """Add this model's class probabilities for ``image`` into ``total`` (classes, X, Y, Z).
+
+        ``logits``: add the network's logits instead where no resampling is needed (what
+        ``predict`` takes the argmax of, so a lone model's labels come out identical).
+        """
         axis = slice_axis_index(self.model.spec.slice_axis, image.affine)
         view = torch.movedim(total, axis + 1, 0)  # (S, classes, H, W), shares memory
-        for indices, scores in self._scores(image, progress, probabilities=True):
+        for indices, scores in self._scores(image, progress, probabilities=not logits):
             view[indices.start : indices.stop] += scores.float().cpu()
 
     def slice_count(self, image: torch.Tensor) -> int:

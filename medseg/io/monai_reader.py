@@ -2,6 +2,17 @@
 
 ``LoadImaged(keys="image", reader=ScanReader())`` gives MONAI users medseg's DICOM series
 handling (grouping, ordering, checks) and NIfTI/NRRD/MHA reading in their own pipelines.
+
+By name: importing this module adds ``ScanReader`` to MONAI's ``SUPPORTED_READERS`` (the
+table MONAI documents for custom readers), which is where ``LoadImage(reader="ScanReader")``
+looks a bare name up; the dotted name ``"medseg.io.monai_reader.ScanReader"`` works without
+the import, through MONAI's ``pydoc.locate``. It goes *first* in that table, which MONAI
+treats as the lowest priority, so a plain ``LoadImage()`` picks the same reader for every
+file as before (``PydicomReader``, which claims any name, always comes before it).
+
+Whichever way it is given, ``LoadImage`` tries MONAI's other readers when ``ScanReader``
+raises: a DICOM series that medseg refuses still loads through ``PydicomReader``. To read with
+medseg's reader only, and get its ``ScanError``, use ``medseg.transforms.LoadScan(d)``.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from monai.data import ImageReader, MetaTensor
+from monai.transforms.io.array import SUPPORTED_READERS
 from monai.utils import MetaKeys, SpaceKeys
 
 from medseg.io.discover import read_scan
@@ -62,3 +74,17 @@ class ScanReader(ImageReader):
 
     def get_data(self, img: Volume) -> tuple[np.ndarray, dict[str, Any]]:
         return img.array, volume_meta(img)
+
+
+def _register_by_name() -> None:
+    """Make ``LoadImage(reader="ScanReader")`` resolve: MONAI looks bare reader names up,
+    lower-cased, in ``SUPPORTED_READERS``. The entry goes first (MONAI tries the table from
+    last to first), so MONAI's own choice of reader for any file is unchanged."""
+    if SUPPORTED_READERS.get("scanreader") is ScanReader:
+        return
+    others = {name: reader for name, reader in SUPPORTED_READERS.items() if name != "scanreader"}
+    SUPPORTED_READERS.clear()  # in place: LoadImage holds this very dict
+    SUPPORTED_READERS.update({"scanreader": ScanReader, **others})
+
+
+_register_by_name()

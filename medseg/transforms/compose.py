@@ -2,17 +2,18 @@
 
 load -> channel first -> RAS orientation -> (in-plane resampling) -> intensity preset.
 Orientation and resampling record their inverse in the MetaTensor; ``Compose.inverse``
-(or ``Invertd``) undoes them in reverse order, in one place.
+(or ``Invertd``) undoes them in reverse order, in one place. Loading uses medseg's reader
+only (:class:`~medseg.transforms.io.LoadScand`): a scan medseg refuses is refused here too.
 """
 
 from __future__ import annotations
 
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
-from medseg.io.monai_reader import ScanReader
 from medseg.spec import ModelSpec
 from medseg.transforms.grid import ResampleInPlaned
 from medseg.transforms.intensity import NormalizeIntensityPresetd
+from medseg.transforms.io import LoadScand
 
 CANONICAL_AXCODES = "RAS"
 
@@ -23,21 +24,28 @@ def build_transforms(
     load: bool = True,
     resample: bool = True,
     label_keys: tuple[str, ...] = (),
+    series_uid_key: str | None = "series_uid",
 ) -> Compose:
     """The Compose that turns a scan path (or a loaded MetaTensor) into network-ready input.
 
     Args:
         spec: the model's specification (preset, slice axis rule, target spacing).
         keys: image keys; intensity normalisation applies to these only.
-        load: start with ``LoadImaged`` (ScanReader); False when data are already MetaTensors.
+        load: start with :class:`LoadScand` (medseg's reader, no fallback to MONAI's: its
+            ScanError is the ``__cause__`` of the RuntimeError MONAI's Compose raises); False
+            when data are already MetaTensors.
         resample: include in-plane resampling to ``spec.spacing`` (the predictor resamples
             slice batches itself, so inference passes False).
         label_keys: label-map keys that follow the images' grid changes (nearest neighbour).
+        series_uid_key: the data key whose value (when present) picks the DICOM series of the
+            images, as in medseg's data manifests; label maps are read without it.
     """
     all_keys = (*keys, *label_keys)
     steps = []
     if load:
-        steps.append(LoadImaged(all_keys, reader=ScanReader(), image_only=True))
+        steps.append(LoadScand(keys, series_uid_key=series_uid_key))
+        if label_keys:
+            steps.append(LoadScand(label_keys))
     steps += [
         EnsureChannelFirstd(all_keys),
         Orientationd(all_keys, axcodes=CANONICAL_AXCODES, labels=None),

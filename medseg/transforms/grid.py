@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform, Transform
-from monai.utils import TraceKeys
+from monai.utils import TraceKeys, look_up_option
 
 _PLANE_CODES = {"sagittal": ("L", "R"), "coronal": ("A", "P"), "axial": ("S", "I")}
+RESAMPLE_MODES = ("bilinear", "nearest")
 
 
 def spacing_from_affine(affine: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -138,12 +139,17 @@ class ResampleInPlane(InvertibleTransform, Transform):
     The slice axis comes from ``slice_axis_rule`` and the image's affine (see
     :func:`slice_axis_index`). The affine is updated and the original in-plane size recorded,
     so ``inverse`` (MONAI's ``Compose.inverse`` / ``Invertd``) restores the grid.
+
+    ``mode`` ("bilinear" or "nearest") is recorded in the applied operation's ``extra_info``
+    under "mode", where MONAI's spatial transforms keep theirs, so ``Invertd(...,
+    nearest_interp=True)`` (which rewrites every recorded "mode" to "nearest") turns the
+    inverse into nearest neighbour, as it does for ``Spacingd``.
     """
 
     def __init__(self, spacing: tuple[float, float], slice_axis_rule: str, mode: str = "bilinear") -> None:
         self.spacing = tuple(float(s) for s in spacing)
         self.slice_axis_rule = slice_axis_rule
-        self.mode = mode
+        self.mode = look_up_option(mode, RESAMPLE_MODES)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         img = img if isinstance(img, MetaTensor) else MetaTensor(img)
@@ -160,7 +166,7 @@ class ResampleInPlane(InvertibleTransform, Transform):
             img,
             sp_size=sp_size,
             affine=grid.index_map(axis),
-            extra_info={"slice_axis": axis},
+            extra_info={"slice_axis": axis, "mode": self.mode},
             orig_size=tuple(int(s) for s in img.shape[1:]),
             transform_info=self.get_transform_info(),
         )
@@ -168,13 +174,16 @@ class ResampleInPlane(InvertibleTransform, Transform):
         return out.copy_meta_from(meta)
 
     def inverse(self, data: torch.Tensor) -> torch.Tensor:
-        """Back to the recorded grid; label maps (integer dtype) use nearest neighbour."""
+        """Back to the recorded grid with the recorded mode (which ``Invertd(...,
+        nearest_interp=True)`` sets to "nearest"); label maps (integer dtype) always use
+        nearest neighbour."""
         record = self.pop_transform(data)
-        axis = int(record[TraceKeys.EXTRA_INFO]["slice_axis"])
+        extra = record[TraceKeys.EXTRA_INFO]
+        axis = int(extra["slice_axis"])
         orig = [int(s) for s in record[TraceKeys.ORIG_SIZE]]
         plane = in_plane_axes(axis)
         grid = InPlaneResampling(tuple(orig[a] for a in plane), tuple(int(data.shape[1 + a]) for a in plane))
-        mode = self.mode if data.dtype.is_floating_point else "nearest"
+        mode = look_up_option(str(extra["mode"]), RESAMPLE_MODES) if data.dtype.is_floating_point else "nearest"
         out = MetaTensor(grid.volume(data.as_tensor(), axis, mode, inverse=True))
         out.copy_meta_from(data)
         out.affine = data.affine @ torch.linalg.inv(grid.index_map(axis))

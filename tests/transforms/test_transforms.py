@@ -148,3 +148,37 @@ def test_predictor_batch_inverse_equals_compose_inverse(slice_axis):
     assert ours.shape == (3, *g.shape)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     assert 0.05 < float(np.mean(ours[1])) < 0.95  # not a trivial all-one-class answer
+
+
+@pytest.mark.parametrize("nearest_interp", [True, False])
+def test_invertd_nearest_interp_acts_as_for_monai_spacingd(nearest_interp):
+    """A float label map predicted on the resampled grid: ``Invertd(nearest_interp=True)``
+    brings back labels only, False interpolates, for ResampleInPlaned as for Spacingd."""
+    from monai.transforms import Compose, Invertd, Orientationd, Spacingd
+
+    from medseg.transforms import ResampleInPlaned
+
+    geometry = make_geometry((31, 22, 7), (0.7, 1.3, 3.0), direction=rotation((0, 0, 90)))
+    image = MetaTensor(torch.from_numpy(phantom(geometry.shape))[None], affine=geometry.affine_ras())
+    grid_changes = {
+        "medseg": ResampleInPlaned("image", (2.0, 2.0), "axial", mode="bilinear"),
+        "monai": Spacingd("image", (2.0, 2.0, 3.0), mode="bilinear"),
+    }
+    for name, resample in grid_changes.items():
+        transforms = Compose([Orientationd("image", axcodes="RAS", labels=None), resample])
+        data = transforms({"image": image})
+        assert data["image"].applied_operations[-1]["extra_info"]["mode"] == "bilinear"
+        data["pred"] = (data["image"] > 80).float() + (data["image"] > 250).float()  # 0., 1., 2.
+        out = Invertd("pred", transforms, orig_keys="image", nearest_interp=nearest_interp)(data)["pred"]
+        assert out.shape == image.shape and out.dtype == torch.float32, name
+        values = torch.unique(out)
+        if nearest_interp:
+            assert set(values.tolist()) == {0.0, 1.0, 2.0}, name
+        else:
+            assert len(values) > 20, name  # interpolated in between
+        torch.testing.assert_close(out.affine, torch.as_tensor(geometry.affine_ras()), atol=1e-6, rtol=0)
+
+
+def test_resample_in_plane_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="bicubic"):
+        ResampleInPlane((1.0, 1.0), "axial", mode="bicubic")
