@@ -87,6 +87,26 @@ def _checked_value(parse: Callable[[str], object]) -> Callable[[str], object]:
     return convert
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _network_name(text: str) -> str:
+    """A name from medseg's network registry. The registry imports torch, so it is read only
+    when --network is given (``medseg --help`` stays instant)."""
+    from medseg.networks import NETWORKS
+
+    if text not in NETWORKS:
+        raise argparse.ArgumentTypeError(f"unknown network {text!r}; choose one of {', '.join(sorted(NETWORKS))}")
+    return text
+
+
 def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
     """An argparse type running a library check on the raw text (its ValueError -> exit 2)."""
 
@@ -113,6 +133,7 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from medseg import __version__
     from medseg.data.manifest import SPLITS
+    from medseg.export.formats import EXPORT_FORMATS
     from medseg.inference.options import PRECISIONS, check_device
     from medseg.inference.postprocess import POSTPROCESS
     from medseg.io.dicom_seg import SEG_TYPES
@@ -202,6 +223,51 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--name", help="the ensemble's model name (default: the first member's)")
     ens.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     ens.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    exp = sub.add_parser(
+        "export",
+        help="write a model folder with TorchScript or ONNX networks, or as a MONAI bundle",
+        formatter_class=formatter,
+        parents=[common],
+    )
+    exp.add_argument("--model", type=Path, help="model folder (default: the bundled hippocampus-mr model)")
+    exp.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        required=True,
+        help="torchscript or onnx: a model folder 'medseg segment --model' runs (ONNX through onnxruntime, "
+        "medseg[onnx]); bundle: a MONAI bundle",
+    )
+    exp.add_argument("-o", "--output", type=Path, required=True, help="folder to create")
+    exp.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
+
+    imp = sub.add_parser(
+        "import",
+        help="turn a MONAI/PyTorch checkpoint (a network state dict) into a model folder",
+        formatter_class=formatter,
+        parents=[common],
+    )
+    imp.add_argument("checkpoint", type=Path, help="checkpoint file, e.g. model.pt (loaded with weights_only=True)")
+    imp.add_argument("-o", "--output", type=Path, required=True, help="model folder to create")
+    imp.add_argument(
+        "--labels",
+        type=_checked_value(split_label_names),
+        required=True,
+        help="comma-separated names of the output channels, background first",
+    )
+    imp.add_argument("--preset", choices=sorted(PRESETS), required=True, help="intensity preset it was trained with")
+    imp.add_argument("--slice-axis", choices=SLICE_AXES, required=True, help="plane the network was trained on")
+    imp.add_argument(
+        "--network", type=_network_name, help="network class (default: recognised from the tensors' names)"
+    )
+    imp.add_argument("--window", type=_pair(int), default=(512, 512), help="largest whole slice, e.g. 256,256")
+    imp.add_argument("--spacing", type=_pair(float), default=None, help="target in-plane mm, e.g. 1.0,1.0")
+    imp.add_argument(
+        "--context-slices", type=_non_negative_int, default=0, help="neighbour slices on each side (2.5D input)"
+    )
+    imp.add_argument("--postprocess", choices=POSTPROCESS, default="none", help="label-map clean-up")
+    imp.add_argument("--name", help="the model's name (default: the output folder's name)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
 
     info = sub.add_parser(
         "info", help="describe a model folder, or list the bundled models", formatter_class=formatter, parents=[common]
@@ -453,6 +519,45 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from medseg.bundled import default_model_dir
+
+    model = args.model if args.model is not None else default_model_dir()
+    if args.format == "bundle":
+        from medseg.export.bundle import export_bundle
+
+        path = export_bundle(model, args.output, args.overwrite)
+        print(f"wrote MONAI bundle {path} from {model}")
+        return EXIT_OK
+    from medseg.export.networks import export_model
+
+    spec = export_model(model, args.output, args.format, args.overwrite)
+    what = f"ensemble of {len(spec.members)}" if spec.members else "model"
+    print(f"wrote {args.format} {what} {args.output} from {model} (checked against PyTorch)")
+    return EXIT_OK
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from medseg.export.checkpoint import import_checkpoint
+
+    spec = import_checkpoint(
+        args.checkpoint,
+        args.output,
+        args.labels,
+        preset=args.preset,
+        slice_axis=args.slice_axis,
+        network=args.network,
+        window=args.window,
+        spacing=args.spacing,
+        context_slices=args.context_slices,
+        postprocess=args.postprocess,
+        name=args.name,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote model {args.output}: {_layout(spec)} ({len(spec.labels)} labels: {', '.join(args.labels)})")
+    return EXIT_OK
+
+
 def _run_info(args: argparse.Namespace) -> int:
     from medseg.bundled import DEFAULT_MODEL, bundled_models
 
@@ -495,6 +600,11 @@ def _describe_model(folder: Path) -> None:
     dice = spec.provenance.get("validation_dice")
     if dice:
         print("  validation Dice: " + ", ".join(f"{k} {v:.4f}" for k, v in dice.items()))
+    exported, imported = spec.provenance.get("exported"), spec.provenance.get("imported_from")
+    if isinstance(exported, dict):
+        print(f"  exported as {exported.get('format')} from {exported.get('from')}")
+    if imported:
+        print(f"  imported from {imported}")
 
 
 def _run_manifest(args: argparse.Namespace) -> int:
@@ -558,6 +668,8 @@ COMMANDS = {
     "segment": _run_segment,
     "init-model": _run_init_model,
     "ensemble": _run_ensemble,
+    "export": _run_export,
+    "import": _run_import,
     "info": _run_info,
     "manifest": _run_manifest,
     "train": _run_train,

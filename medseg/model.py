@@ -1,7 +1,10 @@
 """Model folders: ``model.json`` (a ModelSpec) plus the weights it names.
 
-Weights are safetensors (preferred) or a plain PyTorch state dict loaded with
-``weights_only=True``: medseg never unpickles arbitrary objects from a model folder.
+The weights file's suffix decides how it loads: ``.safetensors`` (preferred) or ``.pt``/``.pth``
+hold a state dict for the network model.json describes (a ``.pt`` is loaded with
+``weights_only=True``: medseg never unpickles arbitrary objects from a model folder);
+``.ts`` is a TorchScript network and ``.onnx`` an ONNX network run by onnxruntime (both written
+by ``medseg export``; they carry their own layout, so model.json's network is a record of it).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -25,6 +29,12 @@ from medseg.spec import ModelSpec
 logger = logging.getLogger(__name__)
 
 SPEC_FILE = "model.json"
+
+# Weights-file suffixes: a state dict for the network model.json describes, or a whole
+# exported network (TorchScript, ONNX) that needs no network code to run.
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
+TORCHSCRIPT_SUFFIX = ".ts"
+ONNX_SUFFIX = ".onnx"
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,18 @@ def store_half(folder: Path) -> None:
     """Rewrite the weights of the model (or of every ensemble member) in ``folder`` as float16."""
     model = load_model(folder)
     for member in model.members or (model,):
+        if not holds_state_dict(member.spec):
+            raise ModelError(
+                member.folder / member.spec.weights,
+                "is an exported network (TorchScript or ONNX): its weights cannot be stored as float16",
+                "store the PyTorch model folder as float16, then export it",
+            )
         save_model(member.folder, member.spec, member.network, half=True)
+
+
+def holds_state_dict(spec: ModelSpec) -> bool:
+    """Whether ``spec``'s weights file is a state dict (not an exported TorchScript/ONNX network)."""
+    return Path(spec.weights).suffix.lower() in STATE_DICT_SUFFIXES
 
 
 def load_spec(folder: str | Path) -> ModelSpec:
@@ -144,17 +165,11 @@ def _inside(folder: Path, entry: str, key: str) -> Path:
     return path
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ModelError(path, f"is not a readable safetensors file ({err})", "re-copy the model") from err
+def read_plain_checkpoint(path: Path) -> object:
+    """``torch.load`` of ``path`` with ``weights_only=True``: tensors, dicts, lists, numbers and
+    strings only. ModelError naming ``path`` for pickled objects or a damaged file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for pickled objects, RuntimeError for corrupt zips
         raise ModelError(
             path,
@@ -163,9 +178,42 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "checkpoints with weights_only=True and never unpickles arbitrary objects",
             "convert it to safetensors from a trusted environment",
         ) from err
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ModelError(path, f"is not a readable safetensors file ({err})", "re-copy the model") from err
+    state = read_plain_checkpoint(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(path, "does not hold a state dict of tensors", "save network.state_dict()")
     return state
+
+
+def state_mismatch(state: Mapping[str, torch.Tensor], network: nn.Module) -> str | None:
+    """What keeps ``state`` from loading strictly into ``network`` (shape mismatches, missing and
+    unexpected tensors, one example each), or None when it fits."""
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    details = []
+    if wrong:
+        k = wrong[0]
+        details.append(
+            f"{len(wrong)} shape mismatch(es), e.g. {k}: {tuple(state[k].shape)} in file, "
+            f"{tuple(expected[k].shape)} expected"
+        )
+    if missing:
+        details.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
+    return "; ".join(details) or None
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
@@ -188,35 +236,74 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Model:
             "does not match the checksum in model.json (changed or corrupted after saving)",
             "re-copy the model folder, or re-save it with medseg",
         )
+    suffix = weights.suffix.lower()
+    if suffix == TORCHSCRIPT_SUFFIX:
+        network = _load_torchscript(weights)
+    elif suffix == ONNX_SUFFIX:
+        from medseg.networks.onnx_runtime import OnnxNetwork
+
+        network = OnnxNetwork(weights, device)
+    elif suffix in STATE_DICT_SUFFIXES:
+        network = _load_state_dict_network(folder, spec, weights)
+    else:
+        raise ModelError(
+            folder / SPEC_FILE,
+            f"weights {spec.weights!r} has a suffix medseg does not know",
+            f"name a {', '.join(STATE_DICT_SUFFIXES)} (state dict), {TORCHSCRIPT_SUFFIX} (TorchScript) "
+            f"or {ONNX_SUFFIX} (ONNX) file",
+        )
+    _check_channels(network, spec, weights)
+    network.to(device).eval()
+    return Model(spec=spec, network=network, folder=folder, weights_digest=digest)
+
+
+def _load_state_dict_network(folder: Path, spec: ModelSpec, weights: Path) -> nn.Module:
+    """The network model.json describes, with the state dict in ``weights`` loaded strictly."""
     try:
         network = build_network(spec.network)
     except ConfigError as err:  # an unknown network name
         raise ModelError(folder / SPEC_FILE, str(err), "use a network medseg knows") from err
     state = _read_state_dict(weights)
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        details = []
-        if wrong:
-            k = wrong[0]
-            details.append(
-                f"{len(wrong)} shape mismatch(es), e.g. {k}: {tuple(state[k].shape)} in file, "
-                f"{tuple(expected[k].shape)} expected"
-            )
-        if missing:
-            details.append(f"{len(missing)} missing tensor(s), e.g. {missing[0]}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}")
+    problem = state_mismatch(state, network)
+    if problem:
         raise ModelError(
             weights,
-            f"does not fit the network in model.json ({spec.network}): " + "; ".join(details),
+            f"does not fit the network in model.json ({spec.network}): {problem}",
             "the weights belong to another model; use the model.json saved with them",
         )
     network.load_state_dict(state)
-    network.to(device).eval()
-    return Model(spec=spec, network=network, folder=folder, weights_digest=digest)
+    return network
+
+
+def _load_torchscript(path: Path) -> nn.Module:
+    """The TorchScript network in ``path``. TorchScript runs the code stored in the file (in its
+    own interpreter, not Python's): model.json's checksum guards against damage, not against a
+    file crafted by someone else, so load only exports you trust."""
+    with warnings.catch_warnings():
+        # torch.jit is deprecated upstream (torch 2.13); the format still loads and runs.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as err:  # RuntimeError (or a pybind error) for anything not a TorchScript archive
+            raise ModelError(
+                path,
+                f"is not a readable TorchScript file ({type(err).__name__})",
+                "re-export it with 'medseg export --format torchscript'",
+            ) from err
+
+
+def _check_channels(network: nn.Module, spec: ModelSpec, weights: Path) -> None:
+    """Refuse an exported network whose input or output channels differ from model.json's
+    (a state-dict network is built from model.json, so it always agrees)."""
+    for key in ("in_channels", "out_channels"):
+        found = getattr(network, key, None)
+        wanted = getattr(spec.network, key)
+        if isinstance(found, int) and found != wanted:
+            raise ModelError(
+                weights,
+                f"has {found} {key.replace('_', ' ')} but model.json says {wanted}",
+                "the file belongs to another model; use the model.json exported with it",
+            )
 
 
 def _load_ensemble(folder: Path, spec: ModelSpec, device: str | torch.device) -> Model:

@@ -344,3 +344,31 @@ def test_init_model_does_not_replace_a_model_without_overwrite(tmp_path, caplog)
     assert main([*args, "--seed", "3"]) == 2 and "already holds a model" in caplog.text
     assert (tmp_path / "m" / "model.json").read_text() == before
     assert main([*args, "--seed", "3", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["export", "--format", "tflite", "-o", "x"], "invalid choice: 'tflite'"),
+        (["export", "-o", "x"], "the following arguments are required: --format"),
+        (["import", "model.pt", "-o", "x", "--labels", "bg,fg", "--slice-axis", "axial"], "required: --preset"),
+        (["import", "m.pt", "-o", "x", "--labels", "bg,fg", "--preset", "mr", "--slice-axis", "oblique"], "'oblique'"),
+    ],
+)
+def test_export_and_import_options_are_checked_while_parsing(tmp_path, capsys, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and needle in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_torchscript_then_segment(tmp_path, tiny_model_dir, scan, caplog, capsys):
+    out = tmp_path / "ts"
+    args = ["export", "--model", str(tiny_model_dir), "--format", "torchscript", "-o", str(out)]
+    assert main(args) == 0 and "checked against PyTorch" in capsys.readouterr().out
+    assert load_spec(out).weights == "weights.ts"
+    assert main(["info", str(out)]) == 0 and "exported as torchscript from" in capsys.readouterr().out
+    assert _segment(scan, tmp_path / "seg", out) == 0 and (tmp_path / "seg" / "scan.nii.gz").is_file()
+    assert main(args) == 2 and f"{out}: already exists and is not empty" in caplog.text
+    assert main([*args, "--overwrite"]) == 0

@@ -209,7 +209,10 @@ def _common(model: Model, network: SliceEnsemble) -> dict[str, Any]:
             "$import os",
             "$import numpy",
             "$import torch",
+            "$from medseg.inference.bundle import member_layout",
+            "$from medseg.inference.bundle import member_network",
             "$from medseg.inference.bundle import scan_datalist",
+            "$from medseg.inference.bundle import scan_name",
         ],
         "bundle_root": ".",
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
@@ -220,20 +223,28 @@ def _common(model: Model, network: SliceEnsemble) -> dict[str, Any]:
     }
 
 
+def _postprocessing(spec: ModelSpec, values: list[int]) -> list[dict[str, Any]]:
+    """The model's label-map clean-up on labels ``values`` (label values, or channel indices
+    where the labels are still indices), when it has one."""
+    if spec.postprocess == "none":
+        return []
+    return [
+        {
+            "_target_": "medseg.inference.bundle.PostprocessLabelsd",
+            "keys": "pred",
+            "method": spec.postprocess,
+            "values": values,
+        }
+    ]
+
+
 def inference_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
     """``configs/inference.json``: every scan under ``dataset_dir`` -> ``output_dir``."""
     spec = model.spec
-    postprocessing = [{"_target_": "AsDiscreted", "keys": "pred", "argmax": True}, *_labels_to_values(spec, "pred")]
-    if spec.postprocess != "none":
-        postprocessing.append(
-            {
-                "_target_": "medseg.inference.bundle.PostprocessLabelsd",
-                "keys": "pred",
-                "method": spec.postprocess,
-                "values": list(spec.label_values[1:]),
-            }
-        )
-    postprocessing += [
+    postprocessing = [
+        {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+        *_labels_to_values(spec, "pred"),
+        *_postprocessing(spec, values=list(spec.label_values[1:])),
         {
             "_target_": "Invertd",
             "keys": "pred",
@@ -251,7 +262,7 @@ def inference_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
             "output_dtype": "$numpy.uint8",
             "resample": False,
             "separate_folder": False,
-            "data_root_dir": "@dataset_dir",
+            "output_name_formatter": "$scan_name",
             "print_log": False,
         },
     ]
@@ -259,7 +270,7 @@ def inference_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
         **_common(model, network),
         "dataset_dir": "/workspace/data",
         "output_dir": "$@bundle_root + '/eval'",
-        "datalist": "$scan_datalist(@dataset_dir)",
+        "datalist": "$scan_datalist(@dataset_dir, @output_dir)",
         "preprocessing": {
             "_target_": "Compose",
             "transforms": [
@@ -267,7 +278,11 @@ def inference_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
                 {"_target_": "medseg.transforms.NormalizeIntensityPresetd", "keys": "image", "preset": spec.preset},
             ],
         },
-        "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
+        "dataset": {
+            "_target_": "medseg.inference.bundle.ScanDataset",
+            "data": "@datalist",
+            "transform": "@preprocessing",
+        },
         "dataloader": {
             "_target_": "DataLoader",
             "dataset": "@dataset",
@@ -292,7 +307,7 @@ def inference_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
             {"_target_": "StatsHandler", "iteration_log": False},
         ],
         "evaluator": {
-            "_target_": "SupervisedEvaluator",
+            "_target_": "medseg.inference.bundle.ScanEvaluator",
             "device": "@device",
             "val_data_loader": "@dataloader",
             "network": "@network",
@@ -312,16 +327,20 @@ def _datalist(key: str) -> str:
 
 
 def _label_to_indices(spec: ModelSpec) -> list[dict[str, Any]]:
+    """Check each label map against its image and the model's label values (naming both files
+    when they do not fit), then label values -> channel indices where they differ."""
     values = list(spec.label_values)
+    check = [{"_target_": "medseg.inference.bundle.CheckLabelsd", "keys": "label", "values": values}]
     if values == list(range(len(values))):
-        return []
+        return check
     return [
+        *check,
         {
             "_target_": "MapLabelValued",
             "keys": "label",
             "orig_labels": values,
             "target_labels": list(range(len(values))),
-        }
+        },
     ]
 
 
@@ -350,7 +369,9 @@ def evaluate_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True, "to_onehot": classes},
+                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                *_postprocessing(spec, values=list(range(1, classes))),
+                {"_target_": "AsDiscreted", "keys": "pred", "to_onehot": classes},
                 {"_target_": "AsDiscreted", "keys": "label", "to_onehot": classes},
             ],
         },
@@ -368,6 +389,7 @@ def evaluate_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
         ],
         "evaluator": {
             **inference["evaluator"],
+            "_target_": "SupervisedEvaluator",
             "key_val_metric": {
                 "val_mean_dice": {
                     "_target_": "MeanDice",
@@ -391,20 +413,36 @@ def train_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
         "datalist_file": "/workspace/data/dataset.json",
         "output_dir": "$@bundle_root + '/train'",
         "member_index": 0,
-        "member_layout": "$@network_def.layouts[@member_index]",
+        "member_layout": "$member_layout(@network_def, @member_index)",
         "finetune": True,
         "epochs": 10,
         "num_samples": 16,
         "pos_fraction": 0.67,
         "learning_rate": 2e-4,
         "datalist": _datalist("training"),
-        "member": "$@network.members[@member_index]",
+        "member": "$member_network(@network, @member_index)",
         "preprocessing": {
             "_target_": "Compose",
             "transforms": [
                 *_loading(["image", "label"]),
                 {"_target_": "medseg.transforms.NormalizeIntensityPresetd", "keys": "image", "preset": spec.preset},
                 *_label_to_indices(spec),
+                # In-plane resampling to the member's spacing, as medseg trains (a no-op for
+                # members without one).
+                {
+                    "_target_": "medseg.transforms.ResampleInPlaned",
+                    "keys": "image",
+                    "spacing": "$@member_layout['spacing']",
+                    "slice_axis_rule": "$@member_layout['slice_axis']",
+                    "mode": "bilinear",
+                },
+                {
+                    "_target_": "medseg.transforms.ResampleInPlaned",
+                    "keys": "label",
+                    "spacing": "$@member_layout['spacing']",
+                    "slice_axis_rule": "$@member_layout['slice_axis']",
+                    "mode": "nearest",
+                },
                 # Slices smaller than the window padded as medseg's training pads them (the
                 # image with its minimum, labels with background), larger ones cropped.
                 {
@@ -475,8 +513,11 @@ def train_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
         },
         "initialize": [
             "$monai.utils.set_determinism(seed=0)",
-            "$@network.load_state_dict(torch.load(@ckpt_path, map_location=@device, weights_only=True)) "
-            "if @finetune else None",
+            # Always the shipped weights (the other members stay trained); with --finetune False
+            # the trained member starts from fresh random weights.
+            "$@network.load_state_dict(torch.load(@ckpt_path, map_location=@device, weights_only=True))",
+            "$[m.reset_parameters() for m in @member.modules() if hasattr(m, 'reset_parameters')] "
+            "if str(@finetune).lower() in ('false', '0', 'no') else None",
         ],
         "run": ["$@trainer.run()"],
     }
@@ -579,8 +620,12 @@ Every NIfTI/NRRD/MHA file and DICOM series under `dataset_dir` is read with meds
 segmented by `SliceEnsembleInferer` (each member along its own slice axis, 2.5D members with
 their neighbouring slices, slices padded to the window with the volume's minimum, sliding window
 for larger slices, probabilities averaged). `Invertd` undoes the orientation and `SaveImaged` writes
-`NAME_seg.nii.gz` (uint8) on the scan's own grid, sub-folders kept. The label maps are identical to
-`medseg segment --model MODEL` (tested).
+`NAME_seg.nii.gz` (uint8) on the scan's own grid, NAME being the name `medseg segment` gives the
+scan (unique within the folder: `case.nii.gz` and `case.nrrd`, or two series of one DICOM folder,
+never share a mask). The label maps are identical to `medseg segment --model MODEL` (tested).
+A scan medseg refuses (a DICOM series with a missing slice, a 4D file...) is logged with medseg's
+message, naming the file and the fix, and skipped; the run ends with one summary line. An
+`output_dir` that is or holds `dataset_dir` is refused; one inside it is left out of the scans.
 
 ## Evaluation: Dice on a manifest's validation cases
 
@@ -600,8 +645,9 @@ python -m monai.bundle run --config_file configs/train.json \\
     --datalist_file /path/to/manifest.json --member_index 0 --epochs 10 --output_dir /path/to/train
 ```
 
-Loads `models/model.pt` (`--finetune false` starts member `member_index` from random weights), trains
-that member on 2D slices along its own axis (`RandSliceSamplerd`, padded and cropped to its window)
+Loads `models/model.pt` (`--finetune false` starts member `member_index` from random weights; the
+other members keep theirs), trains that member on 2D slices along its own axis, resampled to its
+in-plane spacing if it has one (`RandSliceSamplerd`, padded and cropped to its window)
 and saves the whole ensemble's state dict as `output_dir/model.pt`; copy it to `models/model.pt` to use it.
 
 ## Checks and exports with MONAI's tools
@@ -639,6 +685,46 @@ def _prepare(output: Path, overwrite: bool) -> None:
         raise ConfigError(f"{output} holds files but no bundle (configs/metadata.json); give a new folder")
 
 
+# Files MONAI's tools derive from models/model.pt (ckpt_export, ONNX/TensorRT exports): stale
+# once the weights are replaced.
+DERIVED = ("models/model.ts", "models/model.onnx", "models/model.trt.ts")
+
+
+def _replace_files(staging: Path, output: Path) -> None:
+    """Put the bundle built in ``staging`` into the existing bundle ``output``, file by file,
+    leaving every other file there alone (a run's eval/ or train/ outputs). The old files are
+    moved aside first and put back if anything fails, so the configs and the weights never
+    come from two different exports; files derived from the old weights are renamed *.stale."""
+    files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+    for rel in files:
+        target = output / rel
+        if target.exists() and not target.is_file():
+            raise ConfigError(f"{target} is in the way of the bundle's file {rel} (not a file); move it away")
+    backup = output.parent / f".{output.name}.medseg-old.tmp"
+    shutil.rmtree(backup, ignore_errors=True)
+    moved: list[Path] = []
+    try:
+        for rel in files:
+            if (output / rel).exists():
+                (backup / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(output / rel, backup / rel)
+                moved.append(rel)
+        for rel in files:
+            (output / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, output / rel)
+    except BaseException:
+        for rel in moved:
+            os.replace(backup / rel, output / rel)
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    for rel in DERIVED:
+        derived = output / rel
+        if derived.is_file():
+            derived.rename(derived.with_name(derived.name + ".stale"))
+            logger.warning("%s came from the replaced weights: renamed to %s.stale; re-export it", derived, rel)
+
+
 def export_bundle(model_folder: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write the MONAI bundle of the model in ``model_folder`` to the folder ``output``.
 
@@ -668,17 +754,12 @@ def export_bundle(model_folder: str | Path, output: str | Path, overwrite: bool 
         (staging / "docs" / "data_license.txt").write_text(data_licence(model), encoding="utf-8")
         (staging / "LICENSE").write_text(LICENSE_TEXT, encoding="utf-8")
         if output.exists():
-            # Replace the bundle's own files one by one; anything else there (a run's eval/
-            # or train/ outputs) stays.
-            for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-                target = output / path.relative_to(staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
+            _replace_files(staging, output)
             shutil.rmtree(staging)
         else:
             staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("wrote MONAI bundle %s", output)
+    logger.debug("wrote MONAI bundle %s", output)
     return output

@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor
+from monai.engines import SupervisedEvaluator
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
+from medseg.errors import ConfigError, MedsegError, ScanError
 from medseg.inference.options import InferenceOptions
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import SlicePredictor
@@ -33,6 +35,24 @@ from medseg.networks.ensemble import SliceEnsemble
 from medseg.spec import ModelSpec, NetworkSpec, labels_from_names
 
 logger = logging.getLogger(__name__)
+
+
+def _check_member(network: SliceEnsemble, index: int) -> int:
+    count = len(network.layouts)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ConfigError(f"member_index {index!r} names no member: this model has {count}, numbered 0 to {count - 1}")
+    return index
+
+
+def member_layout(network: SliceEnsemble, index: int) -> dict[str, Any]:
+    """The layout of member ``index`` of ``network`` (a bundle's ``train.json`` trains it);
+    ConfigError for an index that names no member (negative ones included)."""
+    return network.layouts[_check_member(network, index)]
+
+
+def member_network(network: SliceEnsemble, index: int) -> torch.nn.Module:
+    """Member ``index``'s network (checked as in :func:`member_layout`)."""
+    return network.members[_check_member(network, index)]
 
 
 def _member_spec(layout: Mapping[str, Any]) -> ModelSpec:
@@ -88,6 +108,21 @@ class SliceEnsembleInferer(Inferer):
                 f"SliceEnsembleInferer runs a medseg SliceEnsemble, got {type(network).__name__}; "
                 "build the network with medseg.networks.ensemble.SliceEnsemble (a bundle's network_def)"
             )
+        if inputs.ndim != 5:
+            raise ValueError(
+                f"SliceEnsembleInferer takes a batch of volumes (B, C, X, Y, Z), got shape {tuple(inputs.shape)}; "
+                "add the batch axis (image.unsqueeze(0))"
+            )
+        if inputs.shape[1] != network.image_channels:
+            source = inputs.meta.get("filename_or_obj", "the input") if isinstance(inputs, MetaTensor) else "the input"
+            source = source[0] if isinstance(source, (list, tuple)) and source else source
+            raise ScanError(
+                Path(str(source)),
+                f"has {inputs.shape[1]} channel(s) but the model takes {network.image_channels}",
+                "give a single 3D volume per scan (split 4D series and colour images first)"
+                if inputs.shape[1] > network.image_channels
+                else "give the model the channels it was trained with",
+            )
         device = inputs.device
         options = InferenceOptions(
             device=f"{device.type}:{device.index}"
@@ -136,21 +171,169 @@ class PostprocessLabelsd(MapTransform):
         return d
 
 
-def scan_datalist(dataset_dir: str | Path) -> list[dict[str, str]]:
+def _source(data: Any) -> Path:
+    name = data.meta.get("filename_or_obj", "?") if isinstance(data, MetaTensor) else "?"
+    return Path(str(name))
+
+
+class CheckLabelsd(MapTransform):
+    """Refuse label maps that do not fit: values outside the model's label ``values``, or a
+    grid other than the image's (``image_key``). A ScanError names the label file (and the
+    image), where the loss or metric would otherwise fail with an index or size error."""
+
+    def __init__(
+        self, keys: KeysCollection, values: list[int], image_key: str = "image", allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.values = [int(v) for v in values]
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        image = d.get(self.image_key)
+        for key in self.key_iterator(d):
+            label = d[key]
+            if image is not None and tuple(label.shape[1:]) != tuple(image.shape[1:]):
+                raise ScanError(
+                    _source(label),
+                    f"has a grid of {tuple(label.shape[1:])} voxels but its image {_source(image)} has "
+                    f"{tuple(image.shape[1:])}",
+                    "pair each image with the label map drawn on its own grid",
+                )
+            found = torch.unique(torch.as_tensor(label).round()).to(torch.int64).tolist()
+            unknown = sorted(set(found) - set(self.values))
+            if unknown:
+                raise ScanError(
+                    _source(label),
+                    f"holds label value(s) {unknown[:10]} that the model does not have (its values: {self.values})",
+                    "map the label values to the model's, or export a model with these labels",
+                )
+        return d
+
+
+NAME_KEY = "medseg_name"  # a datalist item's output name (medseg's unique scan name)
+FAILED_KEY = "medseg_failed"  # set on an item whose scan medseg refused, with the message
+
+
+def scan_datalist(dataset_dir: str | Path, output_dir: str | Path | None = None) -> list[dict[str, str]]:
     """The scans under ``dataset_dir`` (NIfTI/NRRD/MHA files and DICOM series, found as
-    ``medseg segment`` finds them) as a MONAI datalist: ``{"image": path}``, plus
-    ``"series_uid"`` where a folder holds several DICOM series. Output folders of medseg
-    runs are left out. Raises a ScanError naming the folder when it holds no scan."""
-    from medseg.errors import ScanError
+    ``medseg segment`` finds them) as a MONAI datalist: ``{"image": path, "medseg_name":
+    name}``, plus ``"series_uid"`` for DICOM. Names are medseg's output names, unique within
+    the folder (three ``case.*`` files or two series of one folder never share a mask).
+
+    Like ``medseg segment``, refuses an ``output_dir`` that is or holds ``dataset_dir``
+    (outputs could overwrite scans) and leaves out scans inside ``output_dir`` or inside
+    medseg run folders (masks of an earlier run are not scans). Raises a ScanError naming the
+    folder when it holds no scan."""
+    from medseg.batch.run import _nothing_found, _refuse_inputs_inside, _without_outputs
     from medseg.io.discover import discover
 
-    found = discover(Path(dataset_dir))
+    root = Path(dataset_dir)
+    if output_dir is not None:
+        _refuse_inputs_inside(Path(output_dir).absolute(), [root.absolute()])
+    found = discover(root)
+    if output_dir is not None:
+        found = _without_outputs(found, Path(output_dir).absolute())
+    for skipped in found.skipped:
+        logger.info("passed over %s: %s", skipped.path, skipped.reason)
     if not found.scans:
-        raise ScanError(Path(dataset_dir), "holds no scan medseg can read", "point --dataset_dir at the scans")
+        raise _nothing_found(found)
     items = []
     for scan in found.scans:
-        item = {"image": str(scan.path)}
+        item = {"image": str(scan.path), NAME_KEY: scan.name}
         if scan.series is not None:
             item["series_uid"] = scan.series.uid
         items.append(item)
     return items
+
+
+def scan_name(metadict: Mapping[str, Any], saver: Any) -> dict[str, Any]:
+    """``SaveImage(d)``'s ``output_name_formatter``: the output is named after the scan's
+    medseg name (``NAME_KEY`` in its metadata, set by :class:`ScanDataset`), falling back to
+    MONAI's rule (the file name) for items without one."""
+    from monai.data.folder_layout import default_name_formatter
+
+    name = metadict.get(NAME_KEY)
+    if not name:
+        return default_name_formatter(metadict, saver)
+    # A suffix for SaveImage to strip, so dots inside the name (DICOM UIDs) are kept.
+    return {"subject": f"{name}.nii.gz", "idx": None}
+
+
+def _medseg_problem(err: BaseException) -> MedsegError | None:
+    """The medseg error behind ``err`` (MONAI wraps a transform's error in RuntimeErrors)."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, MedsegError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class ScanDataset(Dataset):
+    """MONAI ``Dataset`` over a :func:`scan_datalist`: an item whose scan medseg refuses (a
+    DICOM series with a missing slice, a 4D file...) becomes ``{"image": path,
+    "medseg_failed": message}`` instead of stopping the run, and each loaded image carries
+    its medseg output name in its metadata (for :func:`scan_name`). Use batch size 1."""
+
+    def _transform(self, index: int) -> Any:
+        item = self.data[index]
+        try:
+            out = super()._transform(index)
+        except Exception as err:
+            problem = _medseg_problem(err)
+            if problem is None:
+                raise
+            return {"image": str(item.get("image")), FAILED_KEY: str(problem)}
+        image = out.get("image") if isinstance(out, dict) else None
+        if isinstance(image, MetaTensor) and NAME_KEY in item:
+            image.meta[NAME_KEY] = item[NAME_KEY]
+        return out
+
+
+class ScanEvaluator(SupervisedEvaluator):
+    """MONAI's ``SupervisedEvaluator`` that carries on past scans medseg refuses (while
+    reading, or for the model: wrong channel count) as ``medseg segment`` does: each is
+    logged with medseg's message (file, problem, fix), nothing is written for it, and the
+    run ends with one summary line. ``failures`` lists (path, message)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failures: list[tuple[str, str]] = []
+        self.written = 0
+        from ignite.engine import Events
+
+        self.add_event_handler(Events.COMPLETED, self._summary)
+
+    def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> Any:
+        paths = batchdata.get("image")
+        if isinstance(batchdata, dict) and FAILED_KEY in batchdata:
+            for path, message in zip(paths, batchdata[FAILED_KEY]):
+                self._failed(str(path), message)
+            return []  # nothing to post-process or write
+        try:
+            output = super()._iteration(engine, batchdata)
+        except Exception as err:
+            problem = _medseg_problem(err)
+            if problem is None:
+                raise
+            self._failed(str(getattr(problem, "path", "?")), str(problem))
+            return []
+        self.written += len(paths) if hasattr(paths, "__len__") else 1
+        logger.info("[%d/%s] %s", engine.state.iteration, engine.state.epoch_length, ", ".join(map(str, paths)))
+        return output
+
+    def _failed(self, path: str, message: str) -> None:
+        self.failures.append((path, message))
+        logger.error("FAILED %s", message)
+
+    def _summary(self, engine: Any) -> None:
+        if self.failures:
+            logger.error(
+                "%d scan(s): %d segmented, %d failed (listed above)",
+                self.written + len(self.failures),
+                self.written,
+                len(self.failures),
+            )
+        else:
+            logger.info("%d scan(s) segmented", self.written)

@@ -146,8 +146,10 @@ class ResampleInPlane(InvertibleTransform, Transform):
     inverse into nearest neighbour, as it does for ``Spacingd``.
     """
 
-    def __init__(self, spacing: tuple[float, float], slice_axis_rule: str, mode: str = "bilinear") -> None:
-        self.spacing = tuple(float(s) for s in spacing)
+    def __init__(self, spacing: tuple[float, float] | None, slice_axis_rule: str, mode: str = "bilinear") -> None:
+        # None keeps the native spacing (the grid is unchanged, the operation still recorded):
+        # one configuration serves models with and without a target spacing.
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
         self.slice_axis_rule = slice_axis_rule
         self.mode = look_up_option(mode, RESAMPLE_MODES)
 
@@ -196,7 +198,7 @@ class ResampleInPlaned(MapTransform, InvertibleTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        spacing: tuple[float, float],
+        spacing: tuple[float, float] | None,
         slice_axis_rule: str,
         mode: str = "bilinear",
         allow_missing_keys: bool = False,

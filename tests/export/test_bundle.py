@@ -163,15 +163,43 @@ def test_bundle_run_writes_the_masks_of_medseg_segment(tiny_ensemble, synthetic_
     _run_bundle(bundle, "inference.json", dataset_dir=synthetic_scans, output_dir=tmp_path / "out")
     report = segment(synthetic_scans, tmp_path / "medseg", tiny_ensemble, formats="nifti")
     assert all(r.status == "ok" for r in report.records)
-    # The DICOM series is written under its folder's name (SaveImaged) and medseg's series name.
-    series_name = next(r.name for r in report.records if r.input.endswith("series"))
-    names = {"oblique": "oblique", "plain": "plain", "series": series_name}
+    # Outputs take medseg's scan names (the DICOM series: folder, series number and description).
+    names = {r.name: r.name for r in report.records}
+    assert len(names) == 3
     _assert_same_masks(tmp_path / "out", tmp_path / "medseg", names)
     values = set()
     for image in _masks(tmp_path / "out", "_seg.nii.gz").values():
         assert image.get_data_dtype() == np.uint8
         values |= set(np.unique(np.asarray(image.dataobj)).tolist())
     assert values == {0, 3, 7}  # every label drawn, as label values (not channel indices)
+
+
+def test_bundle_run_names_scans_apart_skips_refused_ones_and_keeps_out_of_the_inputs(tiny_ensemble, tmp_path):
+    """Same-stem files get medseg's distinct names; a corrupt file and a 4D file are logged
+    with medseg's message and skipped while the others are written; an output folder that
+    holds the scans is refused, and one inside them is not read back as scans."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    geometry = make_geometry((18, 20, 15), (1.1, 0.7, 1.9))
+    write_nifti(scans / "case.nii.gz", phantom((18, 20, 15), seed=1), geometry)
+    write_itk(scans / "case.nrrd", phantom((18, 20, 15), seed=2), geometry)
+    (scans / "broken.nii.gz").write_bytes(b"not a nifti")
+    write_nifti(scans / "four_d.nii.gz", np.zeros((18, 20, 15, 2), np.float32), geometry)
+    bundle = export_bundle(tiny_ensemble, tmp_path / "bundle")
+    result = _run_bundle(bundle, "inference.json", dataset_dir=scans, output_dir=scans / "masks")
+    written = sorted(p.name for p in (scans / "masks").iterdir())
+    assert len(written) == 2 and all(name.startswith("case-") for name in written), written
+    log = result.stdout + result.stderr
+    assert "broken.nii.gz: cannot be read as NIfTI" in log
+    assert "four_d.nii.gz" in log and "channel" in log
+    assert "4 scan(s): 2 segmented, 2 failed" in log
+    _run_bundle(bundle, "inference.json", dataset_dir=scans, output_dir=scans / "masks")  # again
+    assert sorted(p.name for p in (scans / "masks").iterdir()) == written  # masks are not scans
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    refused = subprocess.run(
+        [*args, "--dataset_dir", str(scans), "--output_dir", str(tmp_path)], cwd=bundle, capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "outputs written there could overwrite the scans" in refused.stderr
 
 
 def test_bundle_run_matches_medseg_on_real_validation_scans(shared_data, tmp_path):
@@ -200,9 +228,22 @@ def test_evaluate_config_reports_dice_on_real_validation_cases(shared_data, tmp_
     assert dice > 0.8
 
 
-def test_train_config_fine_tunes_one_member_through_monai_engines(tiny_ensemble, tmp_path):
-    cases = write_msd_dataset(tmp_path / "msd", n_cases=2)
+def _training_cases(root: Path, n_cases: int) -> tuple[Path, dict]:
+    """Blob cases labelled with the tiny ensemble's label values (0, 3, 7)."""
+    cases = write_msd_dataset(root, n_cases=n_cases)
     meta = json.loads((cases / "dataset.json").read_text())
+    for item in meta["training"]:
+        label = cases / item["label"]
+        image = nib.load(label)
+        values = np.asarray(image.dataobj)
+        nib.save(
+            nib.Nifti1Image(np.select([values == 1, values == 2], [3, 7], 0).astype(np.float32), image.affine), label
+        )
+    return cases, meta
+
+
+def test_train_config_fine_tunes_one_member_through_monai_engines(tiny_ensemble, tmp_path):
+    cases, meta = _training_cases(tmp_path / "msd", 2)
     datalist = cases / "datalist.json"
     datalist.write_text(json.dumps({"training": meta["training"]}))
     bundle = export_bundle(tiny_ensemble, tmp_path / "bundle")
@@ -217,6 +258,34 @@ def test_train_config_fine_tunes_one_member_through_monai_engines(tiny_ensemble,
     assert changed == {"1"}  # only the member trained; the saved state loads as the ensemble
     network = SliceEnsemble(json.loads((bundle / "configs" / "inference.json").read_text())["network_def"]["members"])
     network.load_state_dict(after)
+    # From random weights for member 0 only ("false" as typed on the command line).
+    _run_bundle(
+        bundle, "train.json", datalist_file=datalist, output_dir=tmp_path / "fresh", epochs=1, num_samples=2,
+        finetune="false",
+    )  # fmt: skip
+    fresh = torch.load(tmp_path / "fresh" / "model.pt", weights_only=True)
+    assert {key.split(".")[1] for key in before if not torch.equal(before[key].float(), fresh[key].float())} == {"0"}
+
+
+@pytest.mark.parametrize("problem", ["member_index", "label_value"])
+def test_train_config_names_what_is_wrong(tiny_ensemble, tmp_path, problem):
+    cases, meta = _training_cases(tmp_path / "msd", 1)
+    if problem == "label_value":
+        label = cases / meta["training"][0]["label"]
+        image = nib.load(label)
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * 5, image.affine), label)
+    datalist = cases / "datalist.json"
+    datalist.write_text(json.dumps({"training": meta["training"]}))
+    bundle = export_bundle(tiny_ensemble, tmp_path / "bundle")
+    args = ["--datalist_file", str(datalist), "--output_dir", str(tmp_path / "t"), "--epochs", "1"]
+    args += ["--member_index", "5" if problem == "member_index" else "0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", *args],
+        cwd=bundle, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0
+    expected = "member_index 5 names no member" if problem == "member_index" else "holds label value(s) [15, 35]"
+    assert expected in result.stderr
 
 
 def test_verify_net_in_out_and_ckpt_export_pass(tiny_ensemble, tmp_path):
@@ -319,6 +388,10 @@ def test_export_refuses_a_folder_that_is_not_a_bundle_and_overwrite_keeps_other_
     export_bundle(tiny_model_dir, bundle, overwrite=True)
     assert (bundle / "eval" / "case_seg.nii.gz").read_bytes() == b"a user's result"
     assert all((bundle / f).is_file() for f in RUN_FILES)
+    (bundle / "models" / "model.ts").write_bytes(b"exported from the old weights")
+    export_bundle(tiny_model_dir, bundle, overwrite=True)
+    assert not (bundle / "models" / "model.ts").exists()
+    assert (bundle / "models" / "model.ts.stale").read_bytes() == b"exported from the old weights"
     assert not list(tmp_path.glob(".*tmp"))
 
 
