@@ -121,19 +121,28 @@ def save_model(folder: Path, spec: ModelSpec, network: nn.Module, half: bool = F
 def store_half(folder: Path) -> None:
     """Rewrite the weights of the model (or of every ensemble member) in ``folder`` as float16."""
     model = load_model(folder)
-    for member in model.members or (model,):
-        if not holds_state_dict(member.spec):
-            raise ModelError(
-                member.folder / member.spec.weights,
-                "is an exported network (TorchScript or ONNX): its weights cannot be stored as float16",
-                "store the PyTorch model folder as float16, then export it",
-            )
+    for member in pytorch_members(
+        model,
+        "is an exported network (TorchScript or ONNX): its weights cannot be stored as float16",
+        "store the PyTorch model folder as float16, then export it",
+    ):
         save_model(member.folder, member.spec, member.network, half=True)
 
 
 def holds_state_dict(spec: ModelSpec) -> bool:
     """Whether ``spec``'s weights file is a state dict (not an exported TorchScript/ONNX network)."""
     return Path(spec.weights).suffix.lower() in STATE_DICT_SUFFIXES
+
+
+def pytorch_members(model: Model, problem: str, fix: str) -> tuple[Model, ...]:
+    """``model``'s networks (its members, or itself), refused with a ModelError naming the
+    first exported (TorchScript/ONNX) weights file, ``problem`` and ``fix``, where an
+    operation needs PyTorch state dicts (float16 storage, exports, bundles)."""
+    members = model.members or (model,)
+    for member in members:
+        if not holds_state_dict(member.spec):
+            raise ModelError(member.folder / member.spec.weights, problem, fix)
+    return members
 
 
 def load_spec(folder: str | Path) -> ModelSpec:

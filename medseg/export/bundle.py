@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from medseg.errors import ConfigError, ModelError
-from medseg.model import Model, load_model
+from medseg.errors import ConfigError
+from medseg.model import Model, load_model, pytorch_members
 from medseg.networks.ensemble import SliceEnsemble, slice_ensemble
 from medseg.spec import ModelSpec
 
@@ -62,13 +62,11 @@ def _members(model: Model) -> tuple[Model, ...]:
 def bundle_network(model: Model) -> tuple[SliceEnsemble, dict[str, torch.Tensor]]:
     """``model``'s SliceEnsemble and its state dict as stored (see ``slice_ensemble``),
     refusing exported (TorchScript, ONNX) members: a bundle stores a state dict."""
-    for member in _members(model):
-        if Path(member.spec.weights).suffix not in (".safetensors", ".pt", ".pth"):
-            raise ModelError(
-                member.folder / member.spec.weights,
-                "is an exported network, not PyTorch weights; a bundle stores a state dict",
-                "export the bundle from the PyTorch model folder this one was exported from",
-            )
+    pytorch_members(
+        model,
+        "is an exported network, not PyTorch weights; a bundle stores a state dict",
+        "export the bundle from the PyTorch model folder this one was exported from",
+    )
     return slice_ensemble(model)
 
 

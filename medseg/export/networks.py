@@ -25,7 +25,7 @@ from medseg.errors import ConfigError, MedsegError, ModelError
 from medseg.export.folders import check_output_folder, copy_documents, staged_folder
 from medseg.export.formats import NETWORK_FORMATS
 from medseg.io.files import file_digest
-from medseg.model import SPEC_FILE, STATE_DICT_SUFFIXES, Model, holds_state_dict, load_model
+from medseg.model import SPEC_FILE, STATE_DICT_SUFFIXES, Model, load_model, pytorch_members
 from medseg.spec import MAX_WINDOW, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -59,13 +59,9 @@ def export_model(model_folder: str | Path, output: str | Path, format: str, over
     if format == "onnx":
         _require_onnx_export()
     model = load_model(source)
-    for single in model.members or (model,):
-        if not holds_state_dict(single.spec):
-            raise ModelError(
-                single.folder / single.spec.weights,
-                "is already an exported network",
-                "export from the PyTorch model folder (safetensors or .pt weights)",
-            )
+    pytorch_members(
+        model, "is already an exported network", "export from the PyTorch model folder (safetensors or .pt weights)"
+    )
     note = {
         "format": format,
         "from": str(source.resolve()),

@@ -202,6 +202,8 @@ def test_bundle_run_names_scans_apart_skips_refused_ones_and_keeps_out_of_the_in
     assert refused.returncode != 0 and "outputs written there could overwrite the scans" in refused.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_bundle_run_matches_medseg_on_real_validation_scans(shared_data, tmp_path):
     manifest = json.loads((REPO / "data_manifests" / "hippocampus.json").read_text())
     scans = tmp_path / "scans"
@@ -215,6 +217,8 @@ def test_bundle_run_matches_medseg_on_real_validation_scans(shared_data, tmp_pat
     _assert_same_masks(tmp_path / "out", tmp_path / "medseg", names)
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_evaluate_config_reports_dice_on_real_validation_cases(shared_data, tmp_path):
     manifest = json.loads((REPO / "data_manifests" / "hippocampus.json").read_text())
     validation = [
@@ -242,6 +246,7 @@ def _training_cases(root: Path, n_cases: int) -> tuple[Path, dict]:
     return cases, meta
 
 
+@pytest.mark.slow
 def test_train_config_fine_tunes_one_member_through_monai_engines(tiny_ensemble, tmp_path):
     cases, meta = _training_cases(tmp_path / "msd", 2)
     datalist = cases / "datalist.json"
