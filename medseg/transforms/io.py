@@ -51,6 +51,13 @@ class LoadScan(Transform):
         self, filename: PathLike, series_uid: str | None = None
     ) -> MetaTensor | tuple[MetaTensor, dict[str, Any]]:
         """``filename``'s scan; ``series_uid`` (if given) picks its DICOM series."""
+        if isinstance(filename, (list, tuple)):
+            # LoadImage's multi-file form; one medseg scan is one file or one series folder.
+            if len(filename) != 1:
+                raise ValueError(
+                    f"LoadScan reads one scan per call (a file or a DICOM series folder), got {len(filename)} paths"
+                )
+            filename = filename[0]
         path = Path(filename).expanduser()
         # The steps of LoadImage.__call__ for one reader, without constructing MONAI's default
         # readers (LoadImage builds them all, and some log warnings when built).

@@ -85,3 +85,15 @@ def test_allow_missing_keys(tmp_path):
         LoadScand(("image", "label"))({"image": path})
     data = LoadScand(("image", "label"), allow_missing_keys=True)({"image": path})
     assert set(data) == {"image"} and data["image"].shape == (1, *GEOMETRY.shape)
+
+
+def test_load_scan_takes_one_path_in_a_list_and_refuses_several(tmp_path):
+    import numpy as np
+    from helpers import make_geometry, write_nifti
+
+    from medseg.transforms import LoadScan
+
+    path = write_nifti(tmp_path / "a.nii.gz", np.zeros((4, 5, 6), np.float32), make_geometry((4, 5, 6)))
+    assert tuple(LoadScan()([str(path)]).shape) == (1, 4, 5, 6)
+    with pytest.raises(ValueError, match="one scan per call"):
+        LoadScan()([str(path), str(path)])
