@@ -201,7 +201,12 @@ def _without_outputs(discovery: Discovery, output_dir: Path) -> Discovery:
 
 
 def _holds_run_report(folder: Path) -> bool:
-    return (folder / "medseg-run.json").is_file() or any(folder.glob("medseg-run.part*of*.json"))
+    # medseg-bundle-run.json: the record a MONAI bundle run of medseg's writes beside its masks.
+    return (
+        (folder / "medseg-run.json").is_file()
+        or (folder / "medseg-bundle-run.json").is_file()
+        or any(folder.glob("medseg-run.part*of*.json"))
+    )
 
 
 def _nothing_found(discovery: Discovery) -> ScanError:

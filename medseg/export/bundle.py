@@ -205,6 +205,7 @@ def _common(model: Model, network: SliceEnsemble) -> dict[str, Any]:
     return {
         "imports": [
             "$import os",
+            "$import sys",
             "$import numpy",
             "$import torch",
             "$from medseg.inference.bundle import member_layout",
@@ -313,9 +314,11 @@ def inference_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
             "postprocessing": "@postprocessing",
             "val_handlers": "@handlers",
             "amp": False,
+            "output_dir": "@output_dir",
         },
         "initialize": ["$monai.utils.set_determinism(seed=0)"],
-        "run": ["$@evaluator.run()"],
+        # Exit status 3 when any scan failed, as `medseg segment` (0 otherwise).
+        "run": ["$@evaluator.run()", "$sys.exit(@evaluator.exit_status()) if @evaluator.exit_status() else None"],
     }
 
 
@@ -328,7 +331,14 @@ def _label_to_indices(spec: ModelSpec) -> list[dict[str, Any]]:
     """Check each label map against its image and the model's label values (naming both files
     when they do not fit), then label values -> channel indices where they differ."""
     values = list(spec.label_values)
-    check = [{"_target_": "medseg.inference.bundle.CheckLabelsd", "keys": "label", "values": values}]
+    check = [
+        {
+            "_target_": "medseg.inference.bundle.CheckLabelsd",
+            "keys": "label",
+            "values": values,
+            "image_channels": spec.image_channels,
+        }
+    ]
     if values == list(range(len(values))):
         return check
     return [
@@ -386,7 +396,7 @@ def evaluate_config(model: Model, network: SliceEnsemble) -> dict[str, Any]:
             },
         ],
         "evaluator": {
-            **inference["evaluator"],
+            **{k: v for k, v in inference["evaluator"].items() if k != "output_dir"},
             "_target_": "SupervisedEvaluator",
             "key_val_metric": {
                 "val_mean_dice": {
@@ -622,8 +632,10 @@ for larger slices, probabilities averaged). `Invertd` undoes the orientation and
 scan (unique within the folder: `case.nii.gz` and `case.nrrd`, or two series of one DICOM folder,
 never share a mask). The label maps are identical to `medseg segment --model MODEL` (tested).
 A scan medseg refuses (a DICOM series with a missing slice, a 4D file...) is logged with medseg's
-message, naming the file and the fix, and skipped; the run ends with one summary line. An
-`output_dir` that is or holds `dataset_dir` is refused; one inside it is left out of the scans.
+message, naming the file and the fix, and skipped; the run ends with one summary line, writes
+`output_dir/medseg-bundle-run.json` (scans written and failed) and exits with status 3 when any scan
+failed. An `output_dir` that is or holds `dataset_dir` is refused; earlier runs' output folders are
+left out of the scans.
 
 ## Evaluation: Dice on a manifest's validation cases
 

@@ -178,19 +178,32 @@ def _source(data: Any) -> Path:
 
 class CheckLabelsd(MapTransform):
     """Refuse label maps that do not fit: values outside the model's label ``values``, or a
-    grid other than the image's (``image_key``). A ScanError names the label file (and the
-    image), where the loss or metric would otherwise fail with an index or size error."""
+    grid other than the image's (``image_key``); and images with other than
+    ``image_channels`` channels. A ScanError names the file (and the image), where the loss
+    or metric would otherwise fail with an index, size or channel error."""
 
     def __init__(
-        self, keys: KeysCollection, values: list[int], image_key: str = "image", allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        values: list[int],
+        image_key: str = "image",
+        image_channels: int | None = None,
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.values = [int(v) for v in values]
         self.image_key = image_key
+        self.image_channels = image_channels
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         image = d.get(self.image_key)
+        if image is not None and self.image_channels is not None and image.shape[0] != self.image_channels:
+            raise ScanError(
+                _source(image),
+                f"has {image.shape[0]} channel(s) but the model takes {self.image_channels}",
+                "give a single 3D volume per scan (split 4D series and colour images first)",
+            )
         for key in self.key_iterator(d):
             label = d[key]
             if image is not None and tuple(label.shape[1:]) != tuple(image.shape[1:]):
@@ -291,26 +304,41 @@ class ScanDataset(Dataset):
         return out
 
 
+RECORD_FILE = "medseg-bundle-run.json"  # a bundle run's record in its output folder
+
+
+def _names(image: Any) -> list[str]:
+    """The scans of a collated batch, by medseg name (or file name)."""
+    meta = image.meta if isinstance(image, MetaTensor) else {}
+    names = meta.get(NAME_KEY) or meta.get("filename_or_obj") or ["?"]
+    return [str(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
+
+
 class ScanEvaluator(SupervisedEvaluator):
     """MONAI's ``SupervisedEvaluator`` that carries on past scans medseg refuses (while
     reading, or for the model: wrong channel count) as ``medseg segment`` does: each is
     logged with medseg's message (file, problem, fix), nothing is written for it, and the
-    run ends with one summary line. ``failures`` lists (path, message)."""
+    run ends with one summary line and a record, ``output_dir/medseg-bundle-run.json``
+    (scans written, scans failed with their messages), which also marks the folder as
+    outputs that later runs do not read as scans. ``failures`` lists (path, message);
+    ``exit_status()`` is 3 when any scan failed (``medseg segment``'s status), else 0.
+    """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, output_dir: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.output_dir = None if output_dir is None else Path(output_dir)
         self.failures: list[tuple[str, str]] = []
-        self.written = 0
+        self.written: list[str] = []
         from ignite.engine import Events
 
         self.add_event_handler(Events.COMPLETED, self._summary)
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> Any:
-        paths = batchdata.get("image")
         if isinstance(batchdata, dict) and FAILED_KEY in batchdata:
-            for path, message in zip(paths, batchdata[FAILED_KEY]):
+            for path, message in zip(batchdata["image"], batchdata[FAILED_KEY]):
                 self._failed(str(path), message)
             return []  # nothing to post-process or write
+        names = _names(batchdata.get("image"))
         try:
             output = super()._iteration(engine, batchdata)
         except Exception as err:
@@ -319,21 +347,34 @@ class ScanEvaluator(SupervisedEvaluator):
                 raise
             self._failed(str(getattr(problem, "path", "?")), str(problem))
             return []
-        self.written += len(paths) if hasattr(paths, "__len__") else 1
-        logger.info("[%d/%s] %s", engine.state.iteration, engine.state.epoch_length, ", ".join(map(str, paths)))
+        self.written += names
+        logger.info("[%d/%s] %s", engine.state.iteration, engine.state.epoch_length, ", ".join(names))
         return output
 
     def _failed(self, path: str, message: str) -> None:
         self.failures.append((path, message))
         logger.error("FAILED %s", message)
 
+    def exit_status(self) -> int:
+        return 3 if self.failures else 0
+
     def _summary(self, engine: Any) -> None:
+        total = len(self.written) + len(self.failures)
         if self.failures:
             logger.error(
-                "%d scan(s): %d segmented, %d failed (listed above)",
-                self.written + len(self.failures),
-                self.written,
-                len(self.failures),
+                "%d scan(s): %d segmented, %d failed (listed above)", total, len(self.written), len(self.failures)
             )
         else:
-            logger.info("%d scan(s) segmented", self.written)
+            logger.info("%d scan(s) segmented", total)
+        if self.output_dir is not None:
+            import json
+
+            from medseg.io.files import atomic_path
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            record = {
+                "written": self.written,
+                "failed": [{"input": path, "error": message} for path, message in self.failures],
+            }
+            with atomic_path(self.output_dir / RECORD_FILE) as tmp:
+                tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

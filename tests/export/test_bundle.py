@@ -186,16 +186,24 @@ def test_bundle_run_names_scans_apart_skips_refused_ones_and_keeps_out_of_the_in
     (scans / "broken.nii.gz").write_bytes(b"not a nifti")
     write_nifti(scans / "four_d.nii.gz", np.zeros((18, 20, 15, 2), np.float32), geometry)
     bundle = export_bundle(tiny_ensemble, tmp_path / "bundle")
-    result = _run_bundle(bundle, "inference.json", dataset_dir=scans, output_dir=scans / "masks")
-    written = sorted(p.name for p in (scans / "masks").iterdir())
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    result = subprocess.run(
+        [*args, "--dataset_dir", str(scans), "--output_dir", str(scans / "masks")],
+        cwd=bundle, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 3  # some scans failed, as medseg segment says it
+    written = sorted(p.name for p in (scans / "masks").glob("*.nii.gz"))
     assert len(written) == 2 and all(name.startswith("case-") for name in written), written
     log = result.stdout + result.stderr
     assert "broken.nii.gz: cannot be read as NIfTI" in log
     assert "four_d.nii.gz" in log and "channel" in log
     assert "4 scan(s): 2 segmented, 2 failed" in log
-    _run_bundle(bundle, "inference.json", dataset_dir=scans, output_dir=scans / "masks")  # again
-    assert sorted(p.name for p in (scans / "masks").iterdir()) == written  # masks are not scans
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    record = json.loads((scans / "masks" / "medseg-bundle-run.json").read_text())
+    assert sorted(f"{name}_seg.nii.gz" for name in record["written"]) == written
+    assert sorted(Path(f["input"]).name for f in record["failed"]) == ["broken.nii.gz", "four_d.nii.gz"]
+    for output_dir in (scans / "masks", scans / "masks2"):  # again, into the same or another folder
+        subprocess.run([*args, "--dataset_dir", str(scans), "--output_dir", str(output_dir)], cwd=bundle)
+        assert sorted(p.name for p in output_dir.glob("*.nii.gz")) == written  # masks are not scans
     refused = subprocess.run(
         [*args, "--dataset_dir", str(scans), "--output_dir", str(tmp_path)], cwd=bundle, capture_output=True, text=True
     )
@@ -272,13 +280,17 @@ def test_train_config_fine_tunes_one_member_through_monai_engines(tiny_ensemble,
     assert {key.split(".")[1] for key in before if not torch.equal(before[key].float(), fresh[key].float())} == {"0"}
 
 
-@pytest.mark.parametrize("problem", ["member_index", "label_value"])
+@pytest.mark.parametrize("problem", ["member_index", "label_value", "four_d"])
 def test_train_config_names_what_is_wrong(tiny_ensemble, tmp_path, problem):
     cases, meta = _training_cases(tmp_path / "msd", 1)
     if problem == "label_value":
         label = cases / meta["training"][0]["label"]
         image = nib.load(label)
         nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * 5, image.affine), label)
+    if problem == "four_d":
+        image = cases / meta["training"][0]["image"]
+        volume = nib.load(image)
+        nib.save(nib.Nifti1Image(np.stack([np.asarray(volume.dataobj)] * 2, -1), volume.affine), image)
     datalist = cases / "datalist.json"
     datalist.write_text(json.dumps({"training": meta["training"]}))
     bundle = export_bundle(tiny_ensemble, tmp_path / "bundle")
@@ -289,7 +301,11 @@ def test_train_config_names_what_is_wrong(tiny_ensemble, tmp_path, problem):
         cwd=bundle, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode != 0
-    expected = "member_index 5 names no member" if problem == "member_index" else "holds label value(s) [15, 35]"
+    expected = {
+        "member_index": "member_index 5 names no member",
+        "label_value": "holds label value(s) [15, 35]",
+        "four_d": "has 2 channel(s) but the model takes 1",
+    }[problem]
     assert expected in result.stderr
 
 
