@@ -7,11 +7,15 @@ ArticleUNet briefly trained (seeded) to find a liver-like blob, so their outputs
 something and can be compared with Dice.
 
 Prints seconds for each, the ratio recipe/medseg (higher: medseg faster) and Dice between
-outputs. medseg runs twice: with the model's own 512x512 window (whole slices, the
-configuration a model trained on whole CT slices has) and with a 256x256 window (the same
-sliding windows as the recipe), so the gain from each source is visible.
+outputs. medseg runs with its default options and the model's own 512x512 window (whole
+slices, the configuration a model trained on whole CT slices has); ``--sliding`` adds a run
+with a 256x256 window (the same sliding windows as the recipe).
 
-    python benchmarks/inference.py [--slices 32] [--base-channels 16] [--repeats 1]
+It also prints where medseg's time goes: seconds inside the network forward (the engine's
+calls) against the whole call, and the network's achieved FLOP/s against the machine's
+measured fp32 matrix-multiply peak.
+
+    python benchmarks/inference.py [--slices 64] [--base-channels 32] [--repeats 1] [--sliding]
 """
 
 from __future__ import annotations
@@ -135,12 +139,93 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
 
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """The machine's measured matrix-multiply rate (FLOP/s) in ``dtype``: the best of
+    ``repeats`` n x n products, with the threads torch uses here."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def network_flops(net: torch.nn.Module, size: tuple[int, int], in_channels: int = 1) -> int:
+    """Multiply-adds x 2 of one forward pass on a (1, in_channels, *size) input, counted from
+    the convolutions' shapes (BatchNorm, ReLU and concatenation are not counted)."""
+    total = 0
+
+    def count(module, _inputs, output) -> None:
+        nonlocal total
+        k = module.kernel_size[0] * module.kernel_size[1]
+        if isinstance(module, torch.nn.ConvTranspose2d):  # each input pixel scatters a kernel
+            total += 2 * _inputs[0].shape[-2] * _inputs[0].shape[-1] * module.in_channels * module.out_channels * k
+        else:
+            total += 2 * output.shape[-2] * output.shape[-1] * module.in_channels * module.out_channels * k
+
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    hooks = [m.register_forward_hook(count) for m in convs]
+    with torch.no_grad():
+        net(torch.zeros(1, in_channels, *size))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+class EngineTimer:
+    """Wraps every engine medseg makes: seconds inside the network forward and pixels sent."""
+
+    def __init__(self) -> None:
+        self.seconds, self.pixels, self.calls, self.name, self.precision = 0.0, 0, 0, "", ""
+
+    def install(self) -> None:
+        import medseg.inference.engines as engines
+
+        make = engines.load_engine
+
+        def timed_load(*args, **kwargs):
+            engine = make(*args, **kwargs)
+            self.name, self.precision = engine.name, engine.precision
+
+            def call(x):
+                t = time.perf_counter()
+                out = engine(x)
+                self.seconds += time.perf_counter() - t
+                self.pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
+                self.calls += 1
+                return out
+
+            return TimedEngine(engine, call)
+
+        engines.load_engine = timed_load
+
+
+class TimedEngine:
+    """A proxy: the engine's attributes, the timed call."""
+
+    def __init__(self, engine, call) -> None:
+        self._engine, self._call = engine, call
+
+    def __call__(self, x):
+        return self._call(x)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=32)
-    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--base-channels", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=80)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--sliding", action="store_true", help="also medseg with the recipe's 256 window")
+    parser.add_argument("--precision", default="auto", help="medseg's --precision (default: its default)")
+    parser.add_argument("--engine", default="auto", help="medseg's --engine (default: its default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("monai").setLevel(logging.ERROR)
@@ -154,11 +239,14 @@ def main() -> None:
     print(
         f"trained base-{args.base_channels} ArticleUNet for {args.train_steps} steps in {time.perf_counter() - t:.0f} s"
     )
+    timer = EngineTimer()
+    timer.install()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         scan = tmp / "scan.nii.gz"
-        img = nib.Nifti1Image(image, geometry.affine_ras())
+        # Stored as CT is, int16 Hounsfield units.
+        img = nib.Nifti1Image(np.round(image).astype(np.int16), geometry.affine_ras())
         img.set_qform(geometry.affine_ras(), code=1)
         img.set_sform(geometry.affine_ras(), code=1)
         nib.save(img, str(scan))
@@ -173,33 +261,41 @@ def main() -> None:
         save_model(tmp / "model512", spec, net)
         save_model(tmp / "model256", replace(spec, window=(256, 256)), net)
         weights = {k: v.clone() for k, v in net.state_dict().items()}
+        forward: dict[str, tuple[float, int]] = {}
 
         def run_medseg(folder: str) -> Path:
             out = tmp / f"out_{folder}"
-            report = medseg.segment(scan, out, load_model(tmp / folder), formats="nifti", overwrite=True)
+            model = load_model(tmp / folder)
+            before = timer.seconds, timer.pixels
+            report = medseg.segment(
+                scan, out, model, formats="nifti", overwrite=True, precision=args.precision, engine=args.engine
+            )
+            forward[folder] = (timer.seconds - before[0], timer.pixels - before[1])
             return Path(report.records[0].outputs["nifti"])
 
-        runs = {
-            "medseg (512 window, whole slices)": lambda: run_medseg("model512"),
-            "medseg (256 window, sliding)": lambda: run_medseg("model256"),
-            "MONAI tutorial recipe (256 window)": lambda: monai_recipe(
-                scan, weights, args.base_channels, tmp / "monai"
-            ),
-        }
+        recipe = "MONAI tutorial recipe (256 window)"
+        runs = {"medseg defaults (512 window)": lambda: run_medseg("model512")}
+        if args.sliding:
+            runs["medseg (256 window, sliding)"] = lambda: run_medseg("model256")
+        runs[recipe] = lambda: monai_recipe(scan, weights, args.base_channels, tmp / "monai")
         seconds: dict[str, float] = {}
         outputs: dict[str, np.ndarray] = {}
+        in_forward: dict[str, tuple[float, int]] = {}
         for _ in range(args.repeats):
             for name, run in runs.items():
                 t = time.perf_counter()
                 path = run()
-                seconds[name] = min(seconds.get(name, np.inf), time.perf_counter() - t)
+                took = time.perf_counter() - t
+                if took < seconds.get(name, np.inf):
+                    seconds[name] = took
+                    if name != recipe:
+                        in_forward[name] = forward["model512" if "512" in name else "model256"]
                 outputs[name] = np.asarray(nib.load(str(path)).dataobj)
 
-    recipe = "MONAI tutorial recipe (256 window)"
     print(
-        f"\n512x512x{args.slices} CT-like volume, base {args.base_channels}, "
-        f"{torch.get_num_threads()} threads, "
-        f"best of {args.repeats}"
+        f"\n512x512x{args.slices} CT-like volume (int16 NIfTI), ArticleUNet base {args.base_channels}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}; medseg engine {timer.name}, "
+        f"precision {timer.precision}"
     )
     for name, s in seconds.items():
         ratio = seconds[recipe] / s
@@ -207,6 +303,16 @@ def main() -> None:
             f"{name:38s} {s:7.2f} s   recipe/this {ratio:5.2f}x   "
             f"Dice vs recipe {dice(outputs[name], outputs[recipe]):.4f}   "
             f"vs truth {dice(outputs[name], truth):.4f}"
+        )
+    per_pixel = network_flops(ArticleUNet(1, 2, base_channels=args.base_channels), (512, 512)) / 512**2
+    peak = matmul_peak()
+    print(f"\nfp32 matrix-multiply peak measured here: {peak / 1e9:.1f} GFLOP/s (2048x2048 torch.mm)")
+    for name, (secs, pixels) in in_forward.items():
+        achieved = per_pixel * pixels / secs
+        print(
+            f"{name}: network forward {secs:.2f} s of {seconds[name]:.2f} s wall ({secs / seconds[name]:.0%}); "
+            f"{pixels / (512 * 512 * args.slices):.2f}x the volume's pixels sent; "
+            f"{achieved / 1e9:.1f} GFLOP/s achieved ({achieved / peak:.0%} of the fp32 matmul peak)"
         )
 
 

@@ -8,12 +8,15 @@ Exit status: 0 success, 2 bad input or arguments (the message says which file an
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import math
+import os
 import re
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,17 +136,15 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The ``medseg`` parser, with the options of ``commands`` filled in (all when None).
+
+    Every subcommand is listed, but only the options of those in ``commands`` are added:
+    their choices come from medseg's registries (formats, presets, precisions...), whose
+    modules import numpy and more, so ``medseg --help`` fills none and ``medseg segment``
+    only its own.
+    """
     from medseg import __version__
-    from medseg.data.manifest import SPLITS
-    from medseg.export.formats import EXPORT_FORMATS
-    from medseg.inference.options import PRECISIONS, check_device
-    from medseg.inference.postprocess import POSTPROCESS
-    from medseg.io.dicom_seg import SEG_TYPES
-    from medseg.io.formats import DEFAULT_FORMATS, FORMATS, parse_formats
-    from medseg.io.writers import PROBABILITY_ENCODINGS
-    from medseg.spec import SLICE_AXES, split_label_names
-    from medseg.transforms.presets import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="medseg",
@@ -152,18 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (also from libraries)")
     sub = parser.add_subparsers(dest="command", required=True)
-    formatter = _DefaultsHelp
     # -v also after the subcommand (medseg segment ... -v); SUPPRESS keeps the top-level value
     # when it is not repeated there.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    for name, (help_text, add_options) in _SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=help_text, formatter_class=_DefaultsHelp, parents=[common])
+        if commands is None or name in commands:
+            add_options(command)
+    return parser
 
-    seg = sub.add_parser(
-        "segment",
-        help="segment scans: NIfTI/NRRD/MHA files and DICOM series, or every scan in folder trees",
-        formatter_class=formatter,
-        parents=[common],
-    )
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv``: its first word that is not an option (the top-level
+    options take no value), or None."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def _segment_options(seg: argparse.ArgumentParser) -> None:
+    from medseg.inference.options import ENGINES, PRECISIONS, check_device
+    from medseg.io.dicom_seg import SEG_TYPES
+    from medseg.io.formats import DEFAULT_FORMATS, FORMATS, parse_formats
+    from medseg.io.writers import PROBABILITY_ENCODINGS
+
     seg.add_argument("inputs", type=Path, nargs="+", help="scan files, DICOM series folders or folders of scans")
     seg.add_argument("-o", "--output", type=Path, help="output folder (required unless --list)")
     seg.add_argument("--list", action="store_true", help="print what would be segmented, load no model")
@@ -194,12 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument(
         "--batch-size", type=_positive_int, default=None, help="slices per network call (default: by slice size)"
     )
-    seg.add_argument("--precision", choices=PRECISIONS, default="fp32", help="network arithmetic (autocast)")
+    seg.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="network arithmetic: auto is bf16 on CPUs with native bf16 (AVX512-BF16/AMX), fp32 on other "
+        "CPUs, bf16 (else fp16) autocast on GPUs",
+    )
+    seg.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="what runs the network: auto is OpenVINO, else ONNX Runtime, else PyTorch on CPUs (fastest "
+        "installed, as measured), PyTorch on GPUs; the first run converts and caches the network",
+    )
     seg.add_argument("--series-uid", type=_uid, help="segment only this DICOM series (UIDs: see --list)")
 
-    init = sub.add_parser(
-        "init-model", help="write an untrained model folder", formatter_class=formatter, parents=[common]
-    )
+
+def _init_model_options(init: argparse.ArgumentParser) -> None:
+    from medseg.spec import SLICE_AXES
+    from medseg.transforms.presets import PRESETS
+
     init.add_argument("-o", "--output", type=Path, required=True, help="model folder to create")
     init.add_argument("--labels", required=True, help="comma-separated names, background first")
     init.add_argument("--preset", choices=sorted(PRESETS), default="mr", help="intensity preset")
@@ -213,12 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
     init.add_argument("--overwrite", action="store_true", help="replace a model already in the output folder")
 
-    ens = sub.add_parser(
-        "ensemble",
-        help="combine trained model folders into one (probabilities averaged)",
-        formatter_class=formatter,
-        parents=[common],
-    )
+
+def _ensemble_options(ens: argparse.ArgumentParser) -> None:
+    from medseg.inference.postprocess import POSTPROCESS
+
     ens.add_argument("models", type=Path, nargs="+", help="two or more model folders (e.g. RUN/model)")
     ens.add_argument("-o", "--output", type=Path, required=True, help="ensemble model folder to create")
     ens.add_argument("--names", help="comma-separated member names (default: each run folder's name)")
@@ -227,12 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     ens.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
-    exp = sub.add_parser(
-        "export",
-        help="write a model folder with TorchScript or ONNX networks, or as a MONAI bundle",
-        formatter_class=formatter,
-        parents=[common],
-    )
+
+def _export_options(exp: argparse.ArgumentParser) -> None:
+    from medseg.export.formats import EXPORT_FORMATS
+
     exp.add_argument("--model", type=Path, help="model folder (default: the bundled hippocampus-mr model)")
     exp.add_argument(
         "--format",
@@ -244,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("-o", "--output", type=Path, required=True, help="folder to create")
     exp.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
 
-    imp = sub.add_parser(
-        "import",
-        help="turn a MONAI/PyTorch checkpoint (a network state dict) into a model folder",
-        formatter_class=formatter,
-        parents=[common],
-    )
+
+def _import_options(imp: argparse.ArgumentParser) -> None:
+    from medseg.inference.postprocess import POSTPROCESS
+    from medseg.spec import SLICE_AXES, split_label_names
+    from medseg.transforms.presets import PRESETS
+
     imp.add_argument("checkpoint", type=Path, help="checkpoint file, e.g. model.pt (loaded with weights_only=True)")
     imp.add_argument("-o", "--output", type=Path, required=True, help="model folder to create")
     imp.add_argument(
@@ -272,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--name", help="the model's name (default: the output folder's name)")
     imp.add_argument("--overwrite", action="store_true", help="replace an output folder that is not empty")
 
-    info = sub.add_parser(
-        "info", help="describe a model folder, or list the bundled models", formatter_class=formatter, parents=[common]
-    )
+
+def _info_options(info: argparse.ArgumentParser) -> None:
     info.add_argument("model", type=Path, nargs="?", help="model folder (default: all bundled)")
 
-    man = sub.add_parser(
-        "manifest", help="build a dataset manifest (MONAI datalist JSON)", formatter_class=formatter, parents=[common]
-    )
+
+def _manifest_options(man: argparse.ArgumentParser) -> None:
+    from medseg.spec import split_label_names
+
     man.add_argument("data_dir", type=Path, help="MSD folder (dataset.json) or images/ + labels/")
     man.add_argument("-o", "--output", type=Path, required=True, help="manifest JSON to write")
     man.add_argument("--val-fraction", type=float, default=0.2, help="share of cases for validation")
@@ -293,9 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     man.add_argument("--overwrite", action="store_true", help="replace an existing manifest file")
 
-    tr = sub.add_parser(
-        "train", help="train a model folder from a manifest", formatter_class=formatter, parents=[common]
-    )
+
+def _train_options(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--manifest", type=Path, required=True, help="dataset manifest (medseg manifest)")
     tr.add_argument("-o", "--output", type=Path, required=True, help="run folder")
     tr.add_argument("--config", type=Path, help="JSON or YAML training configuration (default: built-in)")
@@ -310,9 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="replace the run in the output folder and train afresh")
     tr.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes (CPU: gloo)")
 
-    ev = sub.add_parser(
-        "evaluate", help="Dice, HD95 (mm) and surface Dice of predictions", formatter_class=formatter, parents=[common]
-    )
+
+def _evaluate_options(ev: argparse.ArgumentParser) -> None:
+    from medseg.data.manifest import SPLITS
+
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--pred", type=Path, help="folder of predictions (medseg segment output)")
     source.add_argument(
@@ -323,7 +346,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     ev.add_argument("--tolerance-mm", type=_positive_float, default=1.0, help="surface Dice tolerance")
     ev.add_argument("--data-root", type=Path, help="resolve manifest paths against this folder")
-    return parser
+
+
+# Subcommand -> (its line in ``medseg --help``, the function adding its options), in that order.
+_SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "segment": (
+        "segment scans: NIfTI/NRRD/MHA files and DICOM series, or every scan in folder trees",
+        _segment_options,
+    ),
+    "init-model": ("write an untrained model folder", _init_model_options),
+    "ensemble": ("combine trained model folders into one (probabilities averaged)", _ensemble_options),
+    "export": ("write a model folder with TorchScript or ONNX networks, or as a MONAI bundle", _export_options),
+    "import": ("turn a MONAI/PyTorch checkpoint (a network state dict) into a model folder", _import_options),
+    "info": ("describe a model folder, or list the bundled models", _info_options),
+    "manifest": ("build a dataset manifest (MONAI datalist JSON)", _manifest_options),
+    "train": ("train a model folder from a manifest", _train_options),
+    "evaluate": ("Dice, HD95 (mm) and surface Dice of predictions", _evaluate_options),
+}
 
 
 # Libraries whose INFO/DEBUG chatter users cannot act on: shown only with -v.
@@ -472,6 +511,7 @@ def _run_segment(args: argparse.Namespace) -> int:
             device=torchrun_device(args.device),
             batch_size=args.batch_size,
             precision=args.precision,
+            engine=args.engine,
             dicom_seg_type=args.dicom_seg_type,
             probabilities=args.probabilities,
         )
@@ -582,7 +622,9 @@ def _layout(spec: ModelSpec) -> str:
     return (
         f"{net.name} in={net.in_channels} base={net.base_channels} depth={net.depth}, "
         f"slice axis {spec.slice_axis}, spacing {spec.spacing or 'native'}, "
-        f"window {spec.window[0]}x{spec.window[1]}, context slices {spec.context_slices}"
+        f"window {spec.window[0]}x{spec.window[1]} (trained on "
+        f"{'x'.join(map(str, spec.trained_window)) if spec.trained_window else 'unknown'}), "
+        f"context slices {spec.context_slices}"
     )
 
 
@@ -681,7 +723,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser([command] if (command := _command_in(argv)) else [])
     args = parser.parse_args(argv)
     if args.command == "segment" and not args.list and args.output is None:
         parser.error("segment needs -o/--output (or --list)")  # exit 2, before any discovery
@@ -702,5 +745,29 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def run() -> None:
+    """The ``medseg`` command (``python -m medseg``): ``main()``, then a quick exit.
+
+    Once a command has finished, tearing down the interpreter (the modules of torch and MONAI,
+    hundreds of thousands of objects) takes about a second and changes nothing, so the
+    process ends with ``os._exit`` after doing what a normal exit does that matters: the
+    ``atexit`` callbacks (log handlers flushed and closed, temporary folders removed, child
+    processes joined) and flushing stdout and stderr. The normal exit is kept while another
+    non-daemon thread runs (the interpreter would wait for it) and when flushing fails (the
+    interpreter reports it).
+    """
+    code = main()
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if others or not isinstance(code, int):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # and clears them, so the fallback below does not run them twice
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # e.g. a closed pipe
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -96,6 +96,9 @@ class ModelSpec:
     ``spacing`` is the in-plane spacing (mm) slices are resampled to before the network, or
     None to keep each scan's native spacing. ``window`` is the largest slice (rows, columns
     of the resampled slice) run whole; larger slices use a sliding window of that size.
+    ``trained_window`` is the slice size training fed the network (smaller slices padded to
+    it), or None when unknown (an untrained or imported model): inference pads a slice that
+    fits it to it, as training did, and any other slice only to a multiple of 2**depth.
     ``context_slices`` k feeds each slice with its k neighbours on either side as extra
     channels (2.5D): ``network.in_channels`` is then the scan's channels times 2k+1.
     ``postprocess`` "largest_component" keeps each label's largest 3D component.
@@ -112,6 +115,7 @@ class ModelSpec:
     slice_axis: str = "axial"
     spacing: tuple[float, float] | None = None
     window: tuple[int, int] = (512, 512)
+    trained_window: tuple[int, int] | None = None
     context_slices: int = 0
     postprocess: str = "none"
     members: tuple[str, ...] = ()
@@ -172,11 +176,14 @@ class ModelSpec:
     def _check_grid(self) -> None:
         """Window, spacing and context: what sizes the tensors the network sees."""
         multiple = 2**self.network.depth
-        window = _check_pair(self.window, "window")
-        for w in window:
-            _check_int(w, "window", 1, MAX_WINDOW)
-        if any(w % multiple for w in window):
-            raise ConfigError(f"window {self.window} must be two positive multiples of {multiple} (2**depth)")
+        for key in ("window", "trained_window"):
+            value = getattr(self, key)
+            if value is None and key == "trained_window":
+                continue
+            for w in _check_pair(value, key):
+                _check_int(w, key, 1, MAX_WINDOW)
+            if any(w % multiple for w in value):
+                raise ConfigError(f"{key} {value} must be two positive multiples of {multiple} (2**depth)")
         if self.spacing is not None:
             for mm in _check_pair(self.spacing, "spacing"):
                 if isinstance(mm, bool) or not isinstance(mm, numbers.Real) or not math.isfinite(mm) or mm <= 0:
@@ -241,9 +248,11 @@ class ModelSpec:
         reject_unknown_keys(NetworkSpec, network, "'network'")
         items = _check_list(data.pop("labels", []), "labels")
         labels = tuple(_label_from_json(item, f"labels[{i}]") for i, item in enumerate(items))
-        for key in ("spacing", "window", "members"):
+        for key in ("spacing", "window", "trained_window", "members"):
             if data.get(key) is not None:
                 data[key] = tuple(_check_list(data[key], key))
+        if "trained_window" not in data:
+            data["trained_window"] = _recorded_training_window(data.get("provenance"))
         return cls(labels=labels, network=NetworkSpec(**network), **data)
 
     def save(self, path: Path) -> None:
@@ -260,6 +269,18 @@ class ModelSpec:
             raise ConfigError(f"{path}: not a valid model.json ({type(err).__name__}: {err})") from err
         except RecursionError as err:  # json.loads recurses once per level of nesting
             raise ConfigError(f"{path}: not a valid model.json (JSON nested too deeply)") from err
+
+
+def _recorded_training_window(provenance: Any) -> tuple[int, int] | None:
+    """The training window of a model.json from before ``trained_window`` existed: medseg's
+    training wrote its whole configuration into the provenance, window included."""
+    if not isinstance(provenance, dict) or provenance.get("trained") is not True:
+        return None
+    config = provenance.get("config")
+    window = config.get("window") if isinstance(config, dict) else None
+    if isinstance(window, list) and len(window) == 2 and all(type(w) is int and w > 0 for w in window):
+        return (window[0], window[1])
+    return None
 
 
 def _label_from_json(item: Any, where: str) -> LabelSpec:

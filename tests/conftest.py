@@ -12,6 +12,21 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _engine_cache(tmp_path_factory):
+    """Engine conversions go to a folder of this test session, never to the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("medseg-cache")
+    before = os.environ.get("MEDSEG_CACHE_DIR")
+    os.environ["MEDSEG_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("MEDSEG_CACHE_DIR", None)
+    else:
+        os.environ["MEDSEG_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or skip: real scans are referenced, never copied into the repo."""

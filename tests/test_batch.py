@@ -62,7 +62,7 @@ def test_batch_survives_bad_scans_and_resumes(folder, tmp_path, tiny_model_dir):
     assert names[0].startswith("bad__dup_S3_synthetic_") and names[2].startswith("bad__gap_S3_synthetic_")
     assert names[1] == "bad__fourd" and names[3:] == ["bad__nan", "bad__notes", "bad__truncated", "bad__zero"]
     assert "duplicate slice position" in failed[names[0]].error
-    assert failed["bad__fourd"].stage == "infer" and "2 channel(s)" in failed["bad__fourd"].error
+    assert failed["bad__fourd"].stage == "preprocess" and "2 channel(s)" in failed["bad__fourd"].error
     assert failed["bad__truncated"].stage == "read" and "re-copy" in failed["bad__truncated"].hint
     assert "missing slices" in next(r.error for n, r in failed.items() if n.startswith("bad__gap"))
     assert any(s["path"].endswith("photo.png") for s in report.skipped_files)

@@ -270,8 +270,9 @@ def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["segment", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: nifti,seg.nrrd)", "(default: binary)", "(default: auto)", "(default: fp32)"):
+    for default in ("(default: nifti,seg.nrrd)", "(default: binary)", "(default: auto)"):
         assert default in text
+    assert "--engine {auto,torch,openvino,onnxruntime}" in text and "fp32 on other CPUs" in text
 
 
 def _ensemble_folder(tmp_path, member_labels=("background", "anterior", "posterior")):

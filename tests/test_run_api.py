@@ -287,19 +287,23 @@ def test_resume_redoes_scans_after_model_json_changes_or_an_output_is_emptied(tm
     assert redone == {"case_0": "ok", "case_1": "ok"}
 
 
-def test_automatic_batches_count_the_padded_window_not_the_slice():
-    """A thin 32x32 slice padded to a 512 window costs 512x512 pixels of network work: the
-    automatic batch size must see that, or 256 slices of 512x512 go through at once."""
+def test_automatic_batches_count_what_the_network_receives():
+    """A thin 32x32 slice runs as 32x32 (not blown up to a 512 window); a 40x30 slice that fits
+    a trained 64x48 window runs as 64x48: the automatic batch size counts those pixels."""
     import torch
 
     from medseg.inference import SlicePredictor
     from medseg.inference.predictor import auto_batch_size
+    from medseg.inference.regions import plan_region
 
     predictor = SlicePredictor(threshold_model(LOW, HIGH, window=(512, 512)))
-    pixels = predictor._network_pixels((32, 32))
-    assert pixels == 512 * 512
-    assert auto_batch_size(torch.device("cpu"), pixels) == 1
-    assert predictor._network_pixels((600, 700)) == 600 * 700  # sliding window: the slice itself
+    assert predictor.model.spec.trained_window is None
+    region = plan_region((32, 32), None, multiple=16, window=(512, 512), trained_window=None)
+    assert region.size == (32, 32)
+    assert auto_batch_size(torch.device("cpu"), 32 * 32) == 256
+    trained = plan_region((40, 30), None, multiple=16, window=(512, 512), trained_window=(64, 48))
+    assert trained.size == (64, 48)
+    assert auto_batch_size(torch.device("cpu"), 512 * 512) == 1
 
 
 def test_a_shard_part_left_by_another_run_is_not_merged(tmp_path, model):

@@ -1,5 +1,6 @@
 """ModelLayout: init-model and training turn a model layout into a ModelSpec the same way."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,8 @@ def test_trainer_spec_is_the_config_layout():
     )
     config = TrainConfig(context_slices=1)
     spec = model_spec(config, manifest)
-    assert spec == config.layout.to_spec(LABELS, image_channels=2, name="Blobs")
+    assert spec == replace(config.layout.to_spec(LABELS, image_channels=2, name="Blobs"), trained_window=(64, 48))
+    assert spec.trained_window == config.window  # what training fed the network, for inference's padding
     assert spec.network.in_channels == 6
 
 

@@ -25,7 +25,10 @@ SHAPE_FACTOR = 4.0
 def label_volumes_ml(labels: np.ndarray, volume: Volume, spec: ModelSpec) -> dict[str, float]:
     """Millilitres per foreground label of ``labels`` (X, Y, Z) on ``volume``'s grid."""
     voxel_ml = float(np.prod(volume.geometry.spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=max(spec.label_values) + 1)
+    counts = np.zeros(max(spec.label_values) + 1, dtype=np.int64)
+    # Slab by slab: bincount of the whole map would first copy it to int64 (8x its size).
+    for start in range(0, labels.shape[-1], 16):
+        counts += np.bincount(labels[..., start : start + 16].ravel(), minlength=len(counts))[: len(counts)]
     return {lab.name: round(float(counts[lab.value]) * voxel_ml, 3) for lab in spec.labels if lab.value}
 
 

@@ -43,7 +43,8 @@ def segment(
     series_uid: str | None = None,
     device: str = "auto",
     batch_size: int | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
+    engine: str = "auto",
     dicom_seg_type: str = "binary",
     probabilities: str | None = None,
 ) -> RunReport:
@@ -63,7 +64,8 @@ def segment(
             a report part, and the last to finish merges them into ``medseg-run.json``.
         progress: callbacks as the run goes (see :class:`~medseg.batch.progress.RunProgress`).
         series_uid: keep only this DICOM series among the scans found.
-        device, batch_size, precision: how to run the network (``InferenceOptions``).
+        device, batch_size, precision, engine: how to run the network (``InferenceOptions``;
+            "auto" picks the precision and the fastest installed engine for the device).
         dicom_seg_type: "binary" or "labelmap" DICOM SEG encoding.
         probabilities: "uint8" or "float32" also writes a probability map per label.
 
@@ -80,7 +82,7 @@ def segment(
     if probabilities is not None:
         names = (*names, "probabilities")
     write = WriteOptions(dicom_seg_type, probabilities or "uint8")
-    inference = InferenceOptions(device=device, batch_size=batch_size, precision=precision)
+    inference = InferenceOptions(device=device, batch_size=batch_size, precision=precision, engine=engine)
     requests = _as_list(inputs)
     _check_arguments(output_dir, overwrite, shard)
     if progress is not None and not all(

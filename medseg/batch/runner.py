@@ -1,6 +1,6 @@
 """Segment discovered scans with one loaded model; survive anything in the folder.
 
-for each scan: read -> preprocess + infer -> write each format (atomically) -> record.
+for each scan: read + preprocess -> infer -> write each format (atomically) -> record.
 One failing scan never stops the run: its record holds the stage, the error and a hint.
 A scan done before with the same inputs, model and options is kept (resume); ``overwrite``
 redoes everything. Each record reaches the report, and the caller's progress, as soon as
@@ -30,8 +30,8 @@ from medseg.batch.qc import write_index
 from medseg.batch.report import RunReport, ScanRecord, environment, input_key, load_records
 from medseg.errors import FileProblem, MedsegError
 from medseg.inference.options import Progress
-from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
-from medseg.inference.segment import segment_volume, segment_volume_with_probabilities
+from medseg.inference.predictor import EnsemblePredictor, SlicePredictor, how_it_runs
+from medseg.inference.segment import PreparedScan, predict_labels, predict_labels_and_probabilities, prepare
 from medseg.io.discover import Discovery, ScanSource, read_source
 from medseg.io.files import process_alive, stale_temporary
 from medseg.io.formats import (
@@ -68,6 +68,11 @@ class BatchOptions:
     @property
     def needs_probabilities(self) -> bool:
         return any(FORMATS[name].needs_probabilities for name in self.formats)
+
+    @property
+    def needs_voxels(self) -> bool:
+        """Whether a format shows the scan's voxels as read (else they are preprocessed in place)."""
+        return any(FORMATS[name].needs_voxels for name in self.formats)
 
     @property
     def report_name(self) -> str:
@@ -117,6 +122,19 @@ def _error_text(err: Exception) -> str:
 
 
 @dataclass(frozen=True)
+class _Prepared:
+    """A scan read and preprocessed (in the reader thread) that waits for the network.
+
+    ``volume`` is the scan as read when a format shows its voxels, else the scan with its
+    voxels let go (``Volume.without_voxels``): they are ``prepared.image``'s now."""
+
+    scan: ScanSource
+    volume: Volume
+    prepared: PreparedScan
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
 class _Job:
     """A scan whose labels are computed and wait to be written."""
 
@@ -125,11 +143,6 @@ class _Job:
     labels: np.ndarray
     probabilities: np.ndarray | None
     timings: dict[str, float]
-
-
-def _timed(fn: Callable, *args: object) -> tuple[object, float]:
-    start = time.perf_counter()
-    return fn(*args), time.perf_counter() - start
 
 
 class BatchRunner:
@@ -236,7 +249,7 @@ class BatchRunner:
                 "input": str(discovery.root),
                 "model": str(self.predictor.model.folder),
                 "model_sha256": self.model_hash,
-                "device": str(getattr(self.predictor, "device", "cpu")),
+                **how_it_runs(self.predictor),  # device, engine, precision ("auto" resolved)
                 "formats": list(self.options.formats),
                 "shard": f"{index}/{count}",
                 "plan": _plan_key(discovery, self.options, self.model_hash),
@@ -263,23 +276,25 @@ class BatchRunner:
     ) -> None:
         """Segment ``scans`` in order, passing each one's record to ``finish``.
 
-        Reading the next scan and writing the previous one overlap with inference: file
-        decompression and pixel decoding release the GIL, so they run while the network does.
-        The writer thread hands each record to ``finish`` as soon as its files are in place;
-        at most one written scan waits, so memory holds at most three scans.
+        Reading and preprocessing the next scan, and writing the previous one, overlap with
+        the network: the main thread only runs the network (and puts its labels back on the
+        scan's grid). File decompression, pixel decoding and the in-place array operations
+        of preprocessing release the GIL, so they run while the network does. The writer
+        thread hands each record to ``finish`` as soon as its files are in place; at most one
+        written scan waits, so memory holds at most three scans (one of them as labels only).
         """
         with (
             ThreadPoolExecutor(1, thread_name_prefix="medseg-read") as reader,
             ThreadPoolExecutor(1, thread_name_prefix="medseg-write") as writer,
         ):
-            reads = {0: reader.submit(_timed, read_source, scans[0])} if scans else {}
+            reads = {0: reader.submit(self._read, scans[0])} if scans else {}
             writing: Future | None = None
-            for i, scan in enumerate(scans):
+            for i in range(len(scans)):
                 if self._stop is not None:
                     break
                 if i + 1 < len(scans):
-                    reads[i + 1] = reader.submit(_timed, read_source, scans[i + 1])
-                job = self._infer(scan, reads.pop(i), slice_progress)
+                    reads[i + 1] = reader.submit(self._read, scans[i + 1])
+                job = self._infer(reads.pop(i), slice_progress)
                 if writing is not None:
                     writing.result()  # re-raises a failure to write the report itself
                 if self._stop is not None:
@@ -338,22 +353,44 @@ class BatchRunner:
         logger.debug("%s: done before, skipped", scan.name)
         return dataclasses.replace(before, status="skipped")
 
-    def _infer(self, scan: ScanSource, read: Future, slice_progress: Progress) -> _Job | ScanRecord:
-        """Wait for the scan's read, run the network; a _Job to write, or a failed record."""
+    def _read(self, scan: ScanSource) -> _Prepared | ScanRecord:
+        """Read and preprocess ``scan`` (in the reader thread); a failed record names the stage.
+
+        The voxels are preprocessed in place (one float32 volume per scan) unless a format
+        shows them as read; then preprocessing works on a copy.
+        """
+        start = time.perf_counter()
         try:
-            volume, read_s = read.result()
+            volume = read_source(scan)
         except Exception as err:  # one scan's failure must never stop the batch
-            return self._failed(scan, "read", err, 0.0)
+            return self._failed(scan, "read", err, time.perf_counter() - start)
+        read_s = time.perf_counter() - start
+        keep = self.options.needs_voxels
+        try:
+            prepared = prepare(volume, self.predictor.model.spec, inplace=not keep)
+        except Exception as err:  # one scan's failure must never stop the batch
+            return self._failed(scan, "preprocess", err, time.perf_counter() - start)
+        timings = {"read": read_s, "preprocess": time.perf_counter() - start - read_s}
+        return _Prepared(scan, volume if keep else volume.without_voxels(), prepared, timings)
+
+    def _infer(self, read: Future, slice_progress: Progress) -> _Job | ScanRecord:
+        """Wait for the scan's read and preprocessing, run the network; a _Job to write, or a
+        failed record."""
+        item = read.result()  # _read returns failures as records, never raises
+        if isinstance(item, ScanRecord):
+            return item
         start = time.perf_counter()
         try:
             probabilities = None
             if self.options.needs_probabilities:
-                labels, probabilities = segment_volume_with_probabilities(volume, self.predictor, slice_progress)
+                labels, probabilities = predict_labels_and_probabilities(item.prepared, self.predictor, slice_progress)
             else:
-                labels = segment_volume(volume, self.predictor, slice_progress)
+                labels = predict_labels(item.prepared, self.predictor, slice_progress)
         except Exception as err:  # one scan's failure must never stop the batch
-            return self._failed(scan, "infer", err, read_s + time.perf_counter() - start)
-        return _Job(scan, volume, labels, probabilities, {"read": read_s, "infer": time.perf_counter() - start})
+            seconds = sum(item.timings.values()) + time.perf_counter() - start
+            return self._failed(item.scan, "infer", err, seconds)
+        timings = {**item.timings, "infer": time.perf_counter() - start}
+        return _Job(item.scan, item.volume, labels, probabilities, timings)
 
     def _finish_write(self, job: _Job) -> ScanRecord:
         scan, volume = job.scan, job.volume

@@ -76,10 +76,11 @@ def model_card(model_dir: Path, validation: Mapping[str, Any], recipe: Recipe) -
         _training(members, recipe),
         _metrics(spec, validation, shipped_run, recipe),
         _hardware(members, validation[shipped_run], recipe),
+        _precision(model_dir),
         ["## Limits", recipe.card.limits],
         _goal(spec, validation[shipped_run], recipe),
     ]
-    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
 def _overview(spec: ModelSpec, members: list[_Member], shipped: Mapping[str, Any], recipe: Recipe) -> list[str]:
@@ -246,6 +247,33 @@ def _hardware(members: list[_Member], shipped: Mapping[str, Any], recipe: Recipe
         f"Trained on {' and '.join(machines) or 'unrecorded hardware'}: {recipe.card.hardware} "
         f"Training took {shipped['training_minutes']} min in all (whole runs). Inference: "
         f"{shipped['seconds_per_case']:.2f} s per case on the same CPU, read to write.",
+    ]
+
+
+def _precision(model_dir: Path) -> list[str]:
+    """The model in reduced precision against fp32, from ``precision.json`` beside model.json
+    (written by ``benchmarks/precision.py --record``); nothing when it is absent."""
+    path = model_dir / "precision.json"
+    if not path.is_file():
+        return []
+    figures = json.loads(path.read_text())
+    rows = [
+        [
+            name,
+            f"{run['voxel_agreement']:.4%}",
+            f"{run['identical_cases']}/{figures['cases']}",
+            " / ".join(f"{d:.4f}" for d in run["dice"]),
+            " / ".join(f"{d or 0.0:+.4f}" for d in run["dice_change"]),  # no "-0.0000"
+        ]
+        for name, run in figures["precisions"].items()
+    ]
+    return [
+        "## Reduced precision",
+        f"`--precision auto` (the default) runs the networks in bf16 on CPUs with native bf16 (AVX512-BF16 "
+        f"or AMX) and under bf16/fp16 autocast on GPUs, fp32 elsewhere. Against fp32 on the {figures['cases']} "
+        f"validation cases ({figures['cpu']}; fp32 Dice {' / '.join(f'{d:.4f}' for d in figures['fp32_dice'])}):",
+        "",
+        *_table(["precision", "voxel agreement", "identical masks", "Dice (ant / post)", "change"], rows),
     ]
 
 

@@ -29,7 +29,7 @@ from monai.transforms import MapTransform
 from medseg.errors import ConfigError, MedsegError, ScanError
 from medseg.inference.options import InferenceOptions
 from medseg.inference.postprocess import postprocess
-from medseg.inference.predictor import SlicePredictor
+from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
 from medseg.model import Model
 from medseg.networks.ensemble import SliceEnsemble
 from medseg.spec import ModelSpec, NetworkSpec, labels_from_names
@@ -59,7 +59,7 @@ def _member_spec(layout: Mapping[str, Any]) -> ModelSpec:
     """A ModelSpec carrying a member's layout: what ``SlicePredictor`` reads (labels and
     preset are placeholders; the bundle normalises intensities and names the labels)."""
     network = NetworkSpec(**dict(layout["network"]))
-    spacing = layout["spacing"]
+    spacing, trained = layout["spacing"], layout.get("trained_window")  # absent in older bundles
     return ModelSpec(
         labels=labels_from_names([f"class {i}" for i in range(network.out_channels)]),
         network=network,
@@ -67,6 +67,7 @@ def _member_spec(layout: Mapping[str, Any]) -> ModelSpec:
         slice_axis=layout["slice_axis"],
         spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
         window=(int(layout["window"][0]), int(layout["window"][1])),
+        trained_window=None if trained is None else (int(trained[0]), int(trained[1])),
         context_slices=int(layout["context_slices"]),
     )
 
@@ -137,13 +138,18 @@ class SliceEnsembleInferer(Inferer):
             for layout, member in zip(network.layouts, network.members)
         ]
         lone = len(predictors) == 1
+        # Several members are summed as medseg segment sums them (one fixed-point
+        # accumulator), so the bundle's masks equal medseg's to the voxel.
+        ensemble = None if lone else EnsemblePredictor.of(predictors, tuple(range(network.out_channels)))
         out = []
         for b in range(inputs.shape[0]):
             image = _item(inputs, b)
+            if ensemble is not None:
+                out.append(ensemble.predict_probabilities(image))
+                continue
             total = torch.zeros((network.out_channels, *image.shape[1:]), dtype=torch.float32)
-            for predictor in predictors:
-                predictor.add_probabilities(image, total, logits=lone)
-            out.append(total if lone else total / len(predictors))
+            predictors[0].add_probabilities(image, total, logits=True)
+            out.append(total)
         # A MetaTensor with the inputs' metadata, as MONAI's inferers return: Invertd reads
         # the recorded operations from it (given a plain tensor it silently inverts nothing).
         return MetaTensor(torch.stack(out)).copy_meta_from(inputs)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 # Called with (slices done, slices in the volume) after each batch.
@@ -33,12 +34,15 @@ class InferenceOptions:
     """How to run the network: ``device`` "auto" picks CUDA when present; ``batch_size`` is
     slices (or sliding windows) per network call, None to size batches by pixel count;
     ``overlap`` is the sliding-window overlap; ``precision`` "bf16"/"fp16" run the network
-    under autocast (fp32 is exact)."""
+    in that arithmetic, "fp32" exactly, "auto" decides per machine (:func:`resolve_precision`);
+    ``engine`` runs the network with PyTorch, OpenVINO or ONNX Runtime, "auto" picks per
+    device (``medseg.inference.engines``)."""
 
     device: str = "auto"
     batch_size: int | None = None
     overlap: float = 0.25
-    precision: str = "fp32"
+    precision: str = "auto"
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -50,6 +54,8 @@ class InferenceOptions:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,6 +67,29 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), read at run time.
+
+    Where it does not, PyTorch emulates bf16 and runs ~10x slower than fp32 (measured on an
+    avx2-only CPU, benchmarks/RESULTS.md), so "auto" must never pick it there.
+    """
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The arithmetic "auto" stands for on ``device``: bf16 on CPUs with native bf16, fp32 on
+    other CPUs; on GPUs bf16 where supported (no overflow risk), else fp16. Others unchanged."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 DEFAULT_INFERENCE = InferenceOptions()

@@ -15,9 +15,10 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from medseg.inference.options import DEFAULT_INFERENCE, InferenceOptions, Progress, resolve_device
+from medseg.inference.regions import SliceRegion, content_box, cut_region, paste_region, plan_region, scale_box
 from medseg.model import Model
 from medseg.transforms.grid import InPlaneResampling, in_plane_axes, slice_axis_index, spacing_from_affine
-from medseg.transforms.slices import pad_slices, slice_stack
+from medseg.transforms.slices import slice_stack
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,13 @@ def _moved_shape(spatial: tuple[int, ...], axis: int) -> tuple[int, ...]:
 class SlicePredictor:
     """Segments canonical volumes (C, X, Y, Z) slice by slice with ``model``'s network.
 
-    Slices whose (resampled) size fits ``model.spec.window`` go through the network whole,
-    padded to the window as in training; larger slices use MONAI's sliding window of the window
-    size with Gaussian blending.
+    Each slice (resampled to the model's spacing, if it has one) goes through the network as
+    the :class:`~medseg.inference.regions.SliceRegion` planned once per volume: cropped to the
+    scan's content plus a margin, padded to the smallest size the network accepts (to the
+    trained window when the slice fits it, as in training), run whole when it fits the
+    model's window and by MONAI's Gaussian-blended sliding window of that size otherwise.
+    The network runs in the engine and precision ``options`` ask for ("auto": the fastest
+    for this device, ``medseg.inference.engines``).
 
     When the model has a target in-plane spacing, each slice batch is resampled to it
     (bilinear), and the class *probabilities* are resampled back to the native in-plane grid
@@ -54,13 +59,25 @@ class SlicePredictor:
     """
 
     def __init__(self, model: Model, options: InferenceOptions = DEFAULT_INFERENCE) -> None:
+        from medseg.inference.engines import load_engine
+
         self.model = model
         self.options = options
         self.device = resolve_device(options.device)
-        # Channels-last lets oneDNN (CPU) and cuDNN pick faster convolution kernels: about
-        # 1.3x on this project's 2-core CPU (benchmarks/inference.py).
-        self.network = model.network.to(self.device, memory_format=torch.channels_last).eval()
+        self.engine = load_engine(model, self.device, options.precision, options.engine)
         self.lut = torch.tensor(model.spec.label_values, dtype=torch.uint8)
+        # Scores outside a crop: the background class wins the argmax and takes all the
+        # softmax. Without a label 0 there is no background to fill with, so no crop.
+        values = list(model.spec.label_values)
+        self._background = None
+        if 0 in values:
+            self._background = torch.full((len(values),), -1e4)
+            self._background[values.index(0)] = 0.0
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic the network runs in here ("auto" resolved for the device)."""
+        return self.engine.precision
 
     def predict(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
         """Label map (X, Y, Z) uint8 for a preprocessed MetaTensor ``image`` (C, X, Y, Z).
@@ -96,6 +113,26 @@ class SlicePredictor:
         """Slices of ``image`` (C, X, Y, Z) this model predicts (along its slice axis)."""
         return int(image.shape[1 + slice_axis_index(self.model.spec.slice_axis, image.affine)])
 
+    def region(self, image: torch.Tensor, pad_value: float) -> tuple[InPlaneResampling, SliceRegion]:
+        """The in-plane resampling of ``image``'s (C, X, Y, Z) slices and the region of the
+        resampled slice the network is given (the same for every slice of the volume);
+        ``pad_value`` is the volume's minimum (padding, and what is not content)."""
+        spec = self.model.spec
+        axis = slice_axis_index(spec.slice_axis, image.affine)
+        plane = in_plane_axes(axis)
+        spacing = spacing_from_affine(image.affine)
+        native = (int(image.shape[1 + plane[0]]), int(image.shape[1 + plane[1]]))
+        grid = InPlaneResampling.to_spacing(native, (spacing[plane[0]], spacing[plane[1]]), spec.spacing)
+        box = None if self._background is None else content_box(image, axis, pad_value)
+        region = plan_region(
+            grid.resized,
+            None if box is None else scale_box(box, native, grid.resized),
+            multiple=2**spec.network.depth,
+            window=spec.window,
+            trained_window=spec.trained_window,
+        )
+        return grid, region
+
     def _scores(
         self, image: torch.Tensor, progress: Progress | None, probabilities: bool = False
     ) -> Iterator[tuple[range, torch.Tensor]]:
@@ -108,14 +145,12 @@ class SlicePredictor:
         """
         spec = self.model.spec
         axis = slice_axis_index(spec.slice_axis, image.affine)
-        plane = in_plane_axes(axis)
-        spacing = spacing_from_affine(image.affine)
-        native = (int(image.shape[1 + plane[0]]), int(image.shape[1 + plane[1]]))
-        grid = InPlaneResampling.to_spacing(native, (spacing[plane[0]], spacing[plane[1]]), spec.spacing)
-        n_slices = int(image.shape[1 + axis])
         pad_value = float(image.min())
-        step = self.options.batch_size or auto_batch_size(self.device, self._network_pixels(grid.resized))
-        logger.debug("slice axis %d, %d slices %s -> %s", axis, n_slices, native, grid.resized)
+        grid, region = self.region(image, pad_value)
+        n_slices = int(image.shape[1 + axis])
+        pixels = math.prod(region.size) if region.whole else math.prod(spec.window)
+        step = self.options.batch_size or auto_batch_size(self.device, pixels)
+        logger.debug("slice axis %d, %d slices %s -> %s, %s", axis, n_slices, grid.native, grid.resized, region)
         if progress is not None:
             progress(0, n_slices)
         with torch.inference_mode():
@@ -123,83 +158,117 @@ class SlicePredictor:
                 indices = range(start, min(start + step, n_slices))
                 batch = slice_stack(image, axis, indices, spec.context_slices)
                 batch = grid.forward(batch.to(self.device, torch.float32), "bilinear")
-                scores = self._logits(batch, pad_value)
+                scores = self._logits(batch, region, pad_value)
                 if not grid.identity or probabilities:
                     scores = grid.inverse(torch.softmax(scores.float(), dim=1), "bilinear")
                 yield indices, scores
                 if progress is not None:
                     progress(indices.stop, n_slices)
 
-    def _network_pixels(self, size: tuple[int, int]) -> int:
-        """Pixels per slice the network really receives: a slice that fits the window is
-        padded to the whole window (a 32x32 slice of a 512 window costs 512x512), a larger
-        one is the slice itself (its windows go through in ``sw_batch_size`` groups)."""
-        window = self.model.spec.window
-        fits = size[0] <= window[0] and size[1] <= window[1]
-        return math.prod(window) if fits else math.prod(size)
-
-    def _channels_last_network(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x.contiguous(memory_format=torch.channels_last))
-
-    def _logits(self, batch: torch.Tensor, pad_value: float) -> torch.Tensor:
-        """(N, C, H, W) -> (N, classes, H, W) logits, whole slices or sliding window."""
+    def _logits(self, batch: torch.Tensor, region: SliceRegion, pad_value: float) -> torch.Tensor:
+        """(N, C, H, W) -> (N, classes, H, W) logits: the region whole or by sliding window,
+        put back on the slice (background scores outside a crop)."""
         spec = self.model.spec
-        with torch.autocast(
-            self.device.type,
-            dtype=torch.bfloat16 if self.options.precision == "bf16" else torch.float16,
-            enabled=self.options.precision != "fp32",
-        ):
-            if batch.shape[-2] <= spec.window[0] and batch.shape[-1] <= spec.window[1]:
-                # Padded to the window, as training pads (the window is a multiple of 2**depth).
-                padded, crop = pad_slices(batch, spec.window, pad_value)
-                padded = padded.contiguous(memory_format=torch.channels_last)
-                return self.network(padded)[..., crop[0], crop[1]]
-            return sliding_window_inference(
-                batch,
+        inputs = cut_region(batch, region, pad_value)
+        if region.whole:
+            scores = self.engine(inputs)
+        else:
+            scores = sliding_window_inference(
+                inputs,
                 roi_size=spec.window,
                 sw_batch_size=self.options.batch_size or auto_batch_size(self.device, math.prod(spec.window)),
-                predictor=self._channels_last_network,
+                predictor=self.engine,
                 overlap=self.options.overlap,
                 mode="gaussian",
                 padding_mode="constant",
                 cval=pad_value,
                 progress=False,
             )
+        background = self._background if self._background is not None else torch.zeros(scores.shape[1])
+        return paste_region(scores, region, tuple(batch.shape[-2:]), background.to(scores.device))
 
 
 class EnsemblePredictor:
     """Averages the class probabilities of several models (for example 2D models that slice
     along different axes: a multi-view ensemble), then takes the argmax.
 
-    Unlike a single model, this holds one float32 probability volume (classes, X, Y, Z) per
-    scan, since each member visits the voxels in another order.
+    Each member visits the voxels in another order, so the members' probabilities are summed
+    over the whole volume, in one compact accumulator: int16 (classes, X, Y, Z), to which each
+    member adds its probabilities in fixed point, rounded to multiples of 1 / ``scale``
+    (``scale`` = 32767 // members, so no sum can overflow). That is half a float32 sum's
+    memory, and integer sums do not depend on the order of the members. The argmax is taken
+    a slab at a time (no int64 index volume). A label can differ from a float32 sum's only
+    where two classes' mean probabilities lie within 1 / (2 * ``scale``) of each other: on
+    the bundled hippocampus-mr ensemble's 40 validation cases, 1 voxel of 2,574,471 differs
+    from the float32 sum's labels (benchmarks/RESULTS.md, "Memory").
     """
+
+    # The largest value of the int16 accumulator, and how many voxels one argmax step takes.
+    ACCUMULATOR_MAX = 2**15 - 1
+    ARGMAX_VOXELS = 2**22
 
     def __init__(self, model: Model, options: InferenceOptions = DEFAULT_INFERENCE) -> None:
         self.model = model
         self.members = [SlicePredictor(m, options) for m in model.members]
         self.lut = torch.tensor(model.spec.label_values, dtype=torch.uint8)
+        self.scale = self.ACCUMULATOR_MAX // max(1, len(self.members))
+
+    @classmethod
+    def of(cls, members: list[SlicePredictor], label_values: tuple[int, ...]) -> EnsemblePredictor:
+        """An ensemble of predictors made elsewhere (a bundle's SliceEnsemble members), so
+        it sums exactly as ``medseg segment`` does; ``label_values`` in channel order."""
+        ensemble = cls.__new__(cls)
+        ensemble.model, ensemble.members = None, list(members)
+        ensemble.lut = torch.tensor(label_values, dtype=torch.uint8)
+        ensemble.scale = cls.ACCUMULATOR_MAX // max(1, len(members))
+        return ensemble
 
     def predict(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
-        return self.lut[self.predict_probabilities(image, progress).argmax(dim=0)]
+        """Label map (X, Y, Z) uint8 for a preprocessed MetaTensor ``image`` (C, X, Y, Z)."""
+        total = self._sum(image, progress)
+        labels = torch.empty(total.shape[1:], dtype=torch.uint8)
+        step = max(1, self.ARGMAX_VOXELS // max(1, total[0, :, :, 0].numel()))
+        for k in range(0, total.shape[-1], step):
+            labels[..., k : k + step] = self.lut[total[..., k : k + step].argmax(dim=0)]
+        return labels
 
     def predict_probabilities(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
-        """Mean class probabilities of the members, (classes, X, Y, Z) float32.
+        """Mean class probabilities of the members, (classes, X, Y, Z) float32 (multiples of
+        1 / (members * ``scale``): the fixed point sum :meth:`predict` takes the argmax of).
 
         ``progress`` counts every member's slices (members slice along different axes, so
         the total is the sum of their slice counts, not members x one count).
         """
-        total = torch.zeros((len(self.lut), *image.shape[1:]), dtype=torch.float32)
+        return self._sum(image, progress).float().div_(self.scale * len(self.members))
+
+    def _sum(self, image: torch.Tensor, progress: Progress | None) -> torch.Tensor:
+        """The members' probabilities summed in fixed point: (classes, X, Y, Z) int16."""
+        total = torch.zeros((len(self.lut), *image.shape[1:]), dtype=torch.int16)
         counts = [member.slice_count(image) for member in self.members]
         all_slices, before = sum(counts), [sum(counts[:i]) for i in range(len(counts))]
         for i, member in enumerate(self.members):
             member_progress = None
             if progress is not None:
                 member_progress = lambda done, _, b=before[i]: progress(b + done, all_slices)  # noqa: E731
-            member.add_probabilities(image, total, member_progress)
-        return total / len(self.members)
+            axis = slice_axis_index(member.model.spec.slice_axis, image.affine)
+            view = torch.movedim(total, axis + 1, 0)  # (S, classes, H, W), shares memory
+            for indices, scores in member._scores(image, member_progress, probabilities=True):
+                fixed = scores.float().cpu().clamp_(0, 1).mul_(self.scale).round_().to(torch.int16)
+                view[indices.start : indices.stop] += fixed
+        return total
 
 
 def make_predictor(model: Model, options: InferenceOptions = DEFAULT_INFERENCE) -> SlicePredictor | EnsemblePredictor:
     """The predictor for ``model``: an ensemble when its model.json lists members."""
     return EnsemblePredictor(model, options) if model.members else SlicePredictor(model, options)
+
+
+def how_it_runs(predictor: SlicePredictor | EnsemblePredictor) -> dict[str, str]:
+    """Device, engine and precision the network runs with, as the run report records them
+    (an ensemble's members run alike; several values are joined with commas)."""
+    members = predictor.members if isinstance(predictor, EnsemblePredictor) else [predictor]
+    return {
+        "device": str(members[0].device),
+        "engine": ",".join(dict.fromkeys(m.engine.name for m in members)),
+        "precision": ",".join(dict.fromkeys(m.engine.precision for m in members)),
+    }

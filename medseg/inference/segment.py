@@ -2,12 +2,21 @@
 
 The lower-level call under ``medseg.segment`` (which adds discovery, reading, writing,
 resume and the run report): ``segment_volume(volume, predictor)`` returns the label map on
-``volume``'s own grid.
+``volume``'s own grid. Its two steps are public for the batch runner, which runs them in
+different threads: :func:`prepare` (orientation, intensity; in the reader thread) and
+:func:`predict_labels` (the network, then back to the original grid).
+
+Memory: preprocessing works in place on one float32 volume, the predictor holds a uint8
+label map, and the network's input is freed before the labels are restored, so a scan costs
+about 1.25x its float32 size (``benchmarks/memory.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +29,7 @@ from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
 from medseg.io.monai_reader import volume_to_metatensor
 from medseg.io.volume import Geometry, Volume
+from medseg.spec import ModelSpec
 from medseg.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
@@ -52,30 +62,84 @@ def _check_channels(volume: Volume, wanted: int) -> None:
         )
 
 
-def _restored(volume: Volume, array: torch.Tensor, image: MetaTensor, transforms: Compose) -> np.ndarray:
-    """``array`` (C, X', Y', Z') or (X', Y', Z') back on ``volume``'s grid, grid checked."""
-    restored = to_original_grid(array, image, transforms)
+@dataclass
+class PreparedScan:
+    """A scan ready for the network: ``image`` (C, X', Y', Z') float32 MetaTensor in RAS
+    orientation with the intensity preset applied, made by ``transforms``, whose inverse
+    (the operations ``image`` recorded) puts results back on ``geometry``'s grid."""
+
+    image: MetaTensor
+    transforms: Compose
+    geometry: Geometry
+    source: Path
+
+    def drop_voxels(self) -> None:
+        """Free the image's voxels once the network is done with them; its metadata and
+        recorded operations (all that restoring results needs) stay."""
+        image = self.image
+        self.image = MetaTensor(
+            torch.empty(0), meta=dict(image.meta), applied_operations=list(image.applied_operations)
+        )
+
+
+def prepare(volume: Volume, spec: ModelSpec, inplace: bool = False) -> PreparedScan:
+    """``volume`` preprocessed for a model with ``spec``: orientation and intensity preset.
+
+    The transforms work in place on one float32 array (``build_transforms(...,
+    inplace=True)``), so preprocessing holds one volume, never two. ``inplace`` uses
+    ``volume.array`` itself, which then holds the network input, no longer the scan as read:
+    for callers that own ``volume`` and need only its geometry after this (the batch
+    runner). Otherwise a copy of the voxels is preprocessed and ``volume`` is left as it was.
+    """
+    _check_channels(volume, spec.image_channels)
+    transforms = build_transforms(spec, load=False, resample=False, inplace=True)
+    if not inplace:
+        volume = dataclasses.replace(volume, array=volume.array.copy())
+    image = transforms({"image": volume_to_metatensor(volume)})["image"]
+    return PreparedScan(image, transforms, volume.geometry, volume.source)
+
+
+def _restored(prepared: PreparedScan, array: torch.Tensor) -> np.ndarray:
+    """``array`` (C, X', Y', Z') or (X', Y', Z') back on the scan's grid, grid checked."""
+    image = prepared.image
+    restored = to_original_grid(array, image, prepared.transforms)
     back = Geometry.from_affine_ras(image.meta["original_affine"], restored.shape[-3:])
-    problem = volume.geometry.mismatch(back)
+    problem = prepared.geometry.mismatch(back)
     if problem is not None:  # a bug in medseg, never a user error
-        raise RuntimeError(f"{volume.source}: restored grid differs from the input's: {problem}")
+        raise RuntimeError(f"{prepared.source}: restored grid differs from the input's: {problem}")
     return restored
 
 
-def _preprocess(volume: Volume, spec) -> tuple[MetaTensor, Compose]:
-    _check_channels(volume, spec.image_channels)
-    transforms = build_transforms(spec, load=False, resample=False)
-    return transforms({"image": volume_to_metatensor(volume)})["image"], transforms
+def predict_labels(
+    prepared: PreparedScan, predictor: SlicePredictor | EnsemblePredictor, progress: Progress | None = None
+) -> np.ndarray:
+    """Label map (X, Y, Z) uint8 on the scan's own grid. The network's input is freed
+    (``prepared.drop_voxels()``) before the labels are put back on that grid, so the two
+    are never held together with the restored copy."""
+    spec = predictor.model.spec
+    labels = postprocess(predictor.predict(prepared.image, progress), spec.postprocess, spec.label_values[1:])
+    prepared.drop_voxels()
+    return _restored(prepared, labels)
+
+
+def predict_labels_and_probabilities(
+    prepared: PreparedScan, predictor: SlicePredictor | EnsemblePredictor, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label map (X, Y, Z) uint8 and class probabilities (classes, X, Y, Z) float32, both on
+    the scan's grid; frees the network's input as :func:`predict_labels` does."""
+    spec = predictor.model.spec
+    probs = predictor.predict_probabilities(prepared.image, progress)
+    prepared.drop_voxels()
+    labels = postprocess(predictor.lut[probs.argmax(dim=0)], spec.postprocess, spec.label_values[1:])
+    return _restored(prepared, labels), _restored(prepared, probs)
 
 
 def segment_volume(
     volume: Volume, predictor: SlicePredictor | EnsemblePredictor, progress: Progress | None = None
 ) -> np.ndarray:
-    """Label map (X, Y, Z) uint8 on ``volume``'s own grid; ``progress(done, total)`` slices."""
-    spec = predictor.model.spec
-    image, transforms = _preprocess(volume, spec)
-    labels = postprocess(predictor.predict(image, progress), spec.postprocess, spec.label_values[1:])
-    return _restored(volume, labels, image, transforms)
+    """Label map (X, Y, Z) uint8 on ``volume``'s own grid; ``progress(done, total)`` slices.
+    ``volume`` is left as it was (its voxels are copied once for preprocessing)."""
+    return predict_labels(prepare(volume, predictor.model.spec), predictor, progress)
 
 
 def segment_volume_with_probabilities(
@@ -83,8 +147,4 @@ def segment_volume_with_probabilities(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Label map (X, Y, Z) uint8 and class probabilities (classes, X, Y, Z) float32, both on
     ``volume``'s grid. Holds the probabilities of the whole volume: use only when needed."""
-    spec = predictor.model.spec
-    image, transforms = _preprocess(volume, spec)
-    probs = predictor.predict_probabilities(image, progress)
-    labels = postprocess(predictor.lut[probs.argmax(dim=0)], spec.postprocess, spec.label_values[1:])
-    return _restored(volume, labels, image, transforms), _restored(volume, probs, image, transforms)
+    return predict_labels_and_probabilities(prepare(volume, predictor.model.spec), predictor, progress)

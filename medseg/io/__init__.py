@@ -1,5 +1,9 @@
 """Reading scans (files and DICOM series, found by discovery) and writing label maps."""
 
-from medseg.io.discover import read_scan
+from medseg._lazy import lazy_exports
 
-__all__ = ["read_scan"]
+# Loaded on first use: importing one reader or writer (medseg.io.volume, medseg.io.formats)
+# does not load discovery and every reader behind it.
+_EXPORTS = {"read_scan": "medseg.io.discover"}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -31,8 +31,9 @@ from medseg.spec import LabelSpec
 class Segmentation:
     """What every writer gets.
 
-    ``labels`` (X, Y, Z) integer label values on ``volume``'s grid; ``volume`` the scan as
-    read (its voxels feed QC pictures, its geometry every file); ``label_table`` the model's
+    ``labels`` (X, Y, Z) integer label values on ``volume``'s grid; ``volume`` the scan (its
+    geometry places every file; its voxels as read, which QC pictures show, are there when a
+    format ``needs_voxels``: see ``Volume.without_voxels``); ``label_table`` the model's
     labels (value, name, colour); ``series`` the DICOM series the scan was read from (None
     for files); ``probabilities`` (classes, X, Y, Z) float32 in ``label_table`` order, when
     computed.
@@ -69,11 +70,17 @@ class WriteOptions:
 
 
 class OutputFormat:
-    """One output format. Subclasses set ``name``/``help`` and implement ``files``/``write``."""
+    """One output format. Subclasses set ``name``/``help`` and implement ``files``/``write``.
+
+    ``needs_voxels``: the format shows the scan's intensities (``seg.volume.array``); the
+    batch runner keeps the voxels as read only for such formats (otherwise they become the
+    network's input in place, and ``seg.volume`` holds the geometry with a stand-in array).
+    """
 
     name = ""
     help = ""
     needs_probabilities = False
+    needs_voxels = False
     dicom_only = False
 
     def files(self, base: str, label_table: tuple[LabelSpec, ...]) -> dict[str, str]:
@@ -140,6 +147,7 @@ class DicomSegmentation(OutputFormat):
 class QcPicture(OutputFormat):
     name = "qc"
     help = "NAME.qc.png montage with the labels overlaid, and index.html over the run"
+    needs_voxels = True
 
     def files(self, base: str, label_table: tuple[LabelSpec, ...]) -> dict[str, str]:
         return {"qc": f"{base}.qc.png"}

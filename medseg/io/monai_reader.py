@@ -46,7 +46,8 @@ def volume_meta(volume: Volume) -> dict[str, Any]:
 
 
 def volume_to_metatensor(volume: Volume) -> MetaTensor:
-    """(C, X, Y, Z) MetaTensor carrying ``volume``'s RAS affine and source."""
+    """(C, X, Y, Z) MetaTensor carrying ``volume``'s RAS affine and source; it shares
+    ``volume.array``'s memory (no copy), so in-place transforms change the volume too."""
     return MetaTensor(volume.array, meta=volume_meta(volume))
 
 

@@ -39,6 +39,9 @@ _SHEAR_TOL = 1e-4
 _HEADER_BYTES = 64 * 1024
 # More data files than this in one header is a corrupt pattern, not a scan.
 _MAX_DATA_FILES = 100_000
+# Voxels are converted to float32 this many bytes at a time (a few dozen 512x512 slices), so
+# reading never holds the file's type and float32 for the whole volume at once.
+_SLAB_BYTES = 32 * 2**20
 
 
 def scan_suffix(path: Path) -> str | None:
@@ -131,7 +134,9 @@ def _read_nifti(path: Path, limit: int) -> Volume:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        # No memory map (its pages would count as the process's memory until closed), one
+        # open file for all slabs (a .gz stream is then read once, forwards).
+        img = nib.load(str(path), mmap=False, keep_file_open=True)
         proxy = img.dataobj
         dtype, shape = np.dtype(proxy.dtype), tuple(int(s) for s in proxy.shape)
     except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib.error, HeaderDataError...
@@ -149,20 +154,48 @@ def _read_nifti(path: Path, limit: int) -> Volume:
         _check_gzip_length(path, declared)
     else:
         _check_bytes(path, declared, path.stat().st_size, "it holds")
+    if len(shape) < 3:
+        raise _not_3d(path, shape)
     try:
-        # Complex voxels are read as they are (a cast to float32 would drop the imaginary part).
-        array, notes = _real_valued(np.asarray(proxy) if dtype.kind == "c" else np.asarray(proxy, dtype=np.float32))
+        if dtype.kind == "c":
+            # Complex voxels are read as they are (a cast to float32 would drop the imaginary part).
+            array, notes = _real_valued(_channels_first(np.asarray(proxy)))
+        else:
+            array, notes = _read_slabs(proxy, shape), ()
     except Exception as err:  # truncated gzip streams, CRC errors, short reads...
         raise _unreadable_nifti(path, err) from err
     notes += _xform_notes(path, img)
-    spatial = array.shape[:3]
-    # Dimensions past the third (time, vector components) become channels.
-    array = array.reshape(*spatial, -1) if array.ndim > 3 else array[..., None]
-    if array.ndim < 4 or len(spatial) < 3:
-        raise _not_3d(path, shape)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(img.affine, dtype=np.float64)
-    geometry = grid(path, spatial, lps[:3, :3], lps[:3, 3])
-    return Volume(np.ascontiguousarray(np.moveaxis(array, -1, 0)), geometry, path, notes=notes)
+    geometry = grid(path, shape[:3], lps[:3, :3], lps[:3, 3])
+    return Volume(array, geometry, path, notes=notes)
+
+
+def _channels_first(array: np.ndarray) -> np.ndarray:
+    """(X, Y, Z, ...) -> (C, X, Y, Z): dimensions past the third (time, vector components)
+    become channels, in C order (the last one fastest)."""
+    return np.moveaxis(array.reshape(*array.shape[:3], -1), -1, 0)
+
+
+def _slab_slices(shape: tuple[int, ...], itemsize: int = 4) -> int:
+    """How many slices (along the third axis) make one slab of about :data:`_SLAB_BYTES`."""
+    per_slice = int(np.prod(shape[:2])) * int(np.prod(shape[3:], dtype=np.int64)) * itemsize
+    return max(1, _SLAB_BYTES // max(1, per_slice))
+
+
+def _read_slabs(proxy, shape: tuple[int, ...]) -> np.ndarray:
+    """A NIfTI's voxels (C, X, Y, Z) C-contiguous float32, filled slab by slab from ``proxy``.
+
+    Equal to ``np.asarray(proxy, dtype=np.float32)`` put channel first (scaling included;
+    tests hold them equal), without ever holding the stored type (int16 for CT) and the
+    float32 array whole at once, nor a second float32 copy for the channel-first order.
+    """
+    channels = int(np.prod(shape[3:], dtype=np.int64))
+    out = np.empty((channels, *shape[:3]), dtype=np.float32)
+    step = _slab_slices(shape)
+    for k in range(0, shape[2], step):
+        # The proxy applies the header's scaling (scl_slope/inter) as np.asarray(proxy) does.
+        out[:, :, :, k : k + step] = _channels_first(np.asarray(proxy[:, :, k : k + step]))
+    return out
 
 
 def _check_pixdim(path: Path, img) -> None:
@@ -309,18 +342,38 @@ def _read_itk(path: Path, limit: int) -> Volume:
         img = reader.Execute()
     except RuntimeError as err:
         raise _unreadable_itk(path, err) from err
-    array, notes = _real_valued(sitk.GetArrayFromImage(img))
     dim = img.GetDimension()
-    if img.GetNumberOfComponentsPerPixel() == 1:
-        array = array[..., None]
-    # SimpleITK: (t?, z, y, x, c) -> (c * t, x, y, z)
-    if dim == 4:
-        array = np.moveaxis(array, 0, -2).reshape(*array.shape[1:4], -1)
-    array = np.transpose(array, (3, 2, 1, 0))
     direction = np.asarray(img.GetDirection()).reshape(dim, dim)[:3, :3]
     axes = direction * np.asarray(img.GetSpacing()[:3])[None, :]
-    geometry = grid(path, array.shape[1:], axes, np.asarray(img.GetOrigin()[:3]))
-    return Volume(np.ascontiguousarray(array), geometry, path, notes=notes)
+    origin = np.asarray(img.GetOrigin()[:3])
+    # A view of SimpleITK's buffer (no copy); converted slab by slab below.
+    view = sitk.GetArrayViewFromImage(img)
+    if view.dtype.kind == "c":
+        array, notes = _real_valued(np.ascontiguousarray(_itk_channels_first(view, img)))
+    else:
+        array, notes = _itk_slabs(_itk_channels_first(view, img)), ()
+    del view, img  # SimpleITK's copy of the voxels goes now, before anything else is allocated
+    geometry = grid(path, array.shape[1:], axes, origin)
+    return Volume(array, geometry, path, notes=notes)
+
+
+def _itk_channels_first(array: np.ndarray, img) -> np.ndarray:
+    """SimpleITK's (t?, z, y, x, c?) array as a (c * t, x, y, z) view."""
+    if img.GetNumberOfComponentsPerPixel() == 1:
+        array = array[..., None]
+    if img.GetDimension() == 4:
+        array = np.moveaxis(array, 0, -2).reshape(*array.shape[1:4], -1)
+    return np.transpose(array, (3, 2, 1, 0))
+
+
+def _itk_slabs(view: np.ndarray) -> np.ndarray:
+    """``view`` (C, X, Y, Z) of any real type as a new C-contiguous float32 array, converted
+    a slab of slices at a time (never a second whole-volume temporary)."""
+    out = np.empty(view.shape, dtype=np.float32)
+    step = _slab_slices((*view.shape[1:], view.shape[0]))
+    for k in range(0, view.shape[3], step):
+        out[..., k : k + step] = view[..., k : k + step]
+    return out
 
 
 def _check_itk_header(path: Path, reader, data: HeaderData, limit: int) -> None:
@@ -407,21 +460,33 @@ def _not_3d(path: Path, shape: tuple[int, ...]) -> ScanError:
 
 
 def checked(volume: Volume) -> Volume:
-    """Refuse flat or empty volumes; replace scattered non-finite voxels with the minimum."""
+    """Refuse flat or empty volumes; replace scattered non-finite voxels with the minimum.
+
+    Works in place on ``volume.array``, a slab at a time (no whole-volume mask).
+    """
     path = volume.source
     if min(volume.geometry.shape) < 2:
         raise _not_3d(path, volume.geometry.shape)
-    finite = np.isfinite(volume.array)
-    if not finite.all():
-        bad = int(finite.size - finite.sum())
-        if bad == finite.size:
-            raise ScanError(
-                path,
-                "holds no finite intensity: every voxel is NaN or infinite",
-                "the scan is empty or was written wrongly; re-export it",
-            )
-        note = f"{bad} NaN/infinite voxel(s) ({100 * bad / finite.size:.2g}%) set to the volume minimum"
-        logger.debug("%s: %s", path, note)
-        np.copyto(volume.array, volume.array[finite].min(), where=~finite)
-        volume = dataclasses.replace(volume, notes=(*volume.notes, note))
-    return volume
+    array = volume.array
+    # min and max are NaN or infinite exactly when some voxel is: two passes, no mask.
+    if np.isfinite(array.min()) and np.isfinite(array.max()):
+        return volume
+    step = _slab_slices((*array.shape[1:], array.shape[0]), array.itemsize)
+    slabs = [array[..., k : k + step] for k in range(0, array.shape[3], step)]
+    bad, lowest = 0, np.inf
+    for slab in slabs:
+        finite = np.isfinite(slab)
+        bad += int(finite.size - np.count_nonzero(finite))
+        if finite.any():
+            lowest = min(lowest, slab[finite].min())
+    if bad == array.size:
+        raise ScanError(
+            path,
+            "holds no finite intensity: every voxel is NaN or infinite",
+            "the scan is empty or was written wrongly; re-export it",
+        )
+    note = f"{bad} NaN/infinite voxel(s) ({100 * bad / array.size:.2g}%) set to the volume minimum"
+    logger.debug("%s: %s", path, note)
+    for slab in slabs:
+        np.copyto(slab, lowest, where=~np.isfinite(slab))
+    return dataclasses.replace(volume, notes=(*volume.notes, note))

@@ -10,7 +10,7 @@ Conventions (one per concept, used everywhere in medseg):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +104,10 @@ class Volume:
     @property
     def channels(self) -> int:
         return int(self.array.shape[0])
+
+    def without_voxels(self) -> Volume:
+        """This volume with its voxels let go: ``array`` becomes a read-only stand-in of the
+        same shape that takes no memory (zeros, stride 0), for what needs only the geometry,
+        source and notes after the voxels went to the network (run records, label writers)."""
+        stand_in = np.broadcast_to(np.zeros((), dtype=self.array.dtype), self.array.shape)
+        return replace(self, array=stand_in)

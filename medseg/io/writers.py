@@ -16,6 +16,8 @@ from medseg.io.volume import Geometry
 from medseg.spec import LabelSpec
 
 NIFTI_XFORM_SCANNER_ANAT = 1
+# Voxels compared at a time when finding a segment's extent (a few dozen 512x512 slices).
+_SLAB_VOXELS = 2**23
 
 
 def label_dtype(max_value: int) -> type[np.integer]:
@@ -54,14 +56,22 @@ def write_color_table(labels: tuple[LabelSpec, ...], path: Path) -> Path:
     return path
 
 
-def _extent(mask: np.ndarray) -> list[int]:
-    """Slicer's segment extent [i0, i1, j0, j1, k0, k1] of ``mask``; [0, -1, ...] when empty."""
-    if not mask.any():
+def _extent(labels: np.ndarray, value: int) -> list[int]:
+    """Slicer's segment extent [i0, i1, j0, j1, k0, k1] of ``labels == value`` (X, Y, Z);
+    [0, -1, ...] when absent. Works a slab of i at a time (no whole-volume mask per label)."""
+    along_i = np.zeros(labels.shape[0], dtype=bool)
+    plane = np.zeros(labels.shape[1:], dtype=bool)  # (j, k): the label somewhere along i
+    step = max(1, _SLAB_VOXELS // max(1, plane.size))
+    for i in range(0, labels.shape[0], step):
+        mask = labels[i : i + step] == value
+        along_i[i : i + step] = mask.any(axis=(1, 2))
+        plane |= mask.any(axis=0)
+    if not along_i.any():
         return [0, -1, 0, -1, 0, -1]
     out = []
-    for axis in range(3):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        out += [int(present[0]), int(present[-1])]
+    for present in (along_i, plane.any(axis=1), plane.any(axis=0)):
+        indices = np.flatnonzero(present)
+        out += [int(indices[0]), int(indices[-1])]
     return out
 
 
@@ -81,7 +91,7 @@ def write_seg_nrrd(labels: np.ndarray, geometry: Geometry, spec_labels: tuple[La
             "color": [c / 255 for c in lab.color],
             "labelValue": lab.value,
             "layer": 0,
-            "extent": _extent(data == lab.value),
+            "extent": _extent(data, lab.value),
         }
         for lab in spec_labels
         if lab.value != 0

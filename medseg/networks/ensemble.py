@@ -37,6 +37,8 @@ def member_layout(spec: Any) -> dict[str, Any]:
         },
         "slice_axis": spec.slice_axis,
         "window": list(spec.window),
+        # Slices that fit it are padded to it, as training padded them (None: unknown).
+        "trained_window": None if spec.trained_window is None else list(spec.trained_window),
         "spacing": None if spec.spacing is None else list(spec.spacing),
         "context_slices": spec.context_slices,
     }

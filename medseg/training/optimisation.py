@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg.inference.options import resolve_precision
 from medseg.networks import build_network
 from medseg.spec import ModelSpec
 from medseg.training import distributed
@@ -27,10 +28,8 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
         return torch.bfloat16
     if config.precision == "fp16":
         return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native else None
+    chosen = resolve_precision("auto", device)
+    return None if chosen == "fp32" else getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[chosen])
 
 
 def lr_lambda(config: TrainConfig) -> Any:

@@ -58,7 +58,10 @@ def model_spec(config: TrainConfig, manifest: Manifest) -> ModelSpec:
     else:
         defaults = labels_from_names(names)
         labels = tuple(LabelSpec(v, d.name, d.color) for v, d in zip(sorted(manifest.labels), defaults))
-    return config.layout.to_spec(labels, max(1, len(manifest.modality)), manifest.name or "medseg-model")
+    spec = config.layout.to_spec(labels, max(1, len(manifest.modality)), manifest.name or "medseg-model")
+    # Every training slice is padded to at least the window and cropped to it (crop_batch):
+    # recorded so inference pads small slices the same way and no others.
+    return replace(spec, trained_window=tuple(config.window))
 
 
 class _Validator:

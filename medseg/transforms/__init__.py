@@ -9,6 +9,8 @@ _EXPORTS = {
     "LoadScand": "medseg.transforms.io",
     "NormalizeIntensityPreset": "medseg.transforms.intensity",
     "NormalizeIntensityPresetd": "medseg.transforms.intensity",
+    "OrientationInPlace": "medseg.transforms.orientation",
+    "OrientationInPlaced": "medseg.transforms.orientation",
     "ResampleInPlane": "medseg.transforms.grid",
     "ResampleInPlaned": "medseg.transforms.grid",
     "InPlaneResampling": "medseg.transforms.grid",

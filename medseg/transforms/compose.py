@@ -4,6 +4,8 @@ load -> channel first -> RAS orientation -> (in-plane resampling) -> intensity p
 Orientation and resampling record their inverse in the MetaTensor; ``Compose.inverse``
 (or ``Invertd``) undoes them in reverse order, in one place. Loading uses medseg's reader
 only (:class:`~medseg.transforms.io.LoadScand`): a scan medseg refuses is refused here too.
+With ``inplace`` (inference), orientation and intensity overwrite the input's own memory
+(``medseg.transforms.orientation``) rather than copy the volume.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from medseg.spec import ModelSpec
 from medseg.transforms.grid import ResampleInPlaned
 from medseg.transforms.intensity import NormalizeIntensityPresetd
 from medseg.transforms.io import LoadScand
+from medseg.transforms.orientation import OrientationInPlaced
 
 CANONICAL_AXCODES = "RAS"
 
@@ -25,6 +28,7 @@ def build_transforms(
     resample: bool = True,
     label_keys: tuple[str, ...] = (),
     series_uid_key: str | None = "series_uid",
+    inplace: bool = False,
 ) -> Compose:
     """The Compose that turns a scan path (or a loaded MetaTensor) into network-ready input.
 
@@ -39,6 +43,9 @@ def build_transforms(
         label_keys: label-map keys that follow the images' grid changes (nearest neighbour).
         series_uid_key: the data key whose value (when present) picks the DICOM series of the
             images, as in medseg's data manifests; label maps are read without it.
+        inplace: orientation and intensity overwrite the input tensors instead of copying
+            them (the same results and recorded operations; no second volume in memory), for
+            callers that own the data and never use it again, as inference does.
     """
     all_keys = (*keys, *label_keys)
     steps = []
@@ -48,11 +55,11 @@ def build_transforms(
             steps.append(LoadScand(label_keys))
     steps += [
         EnsureChannelFirstd(all_keys),
-        Orientationd(all_keys, axcodes=CANONICAL_AXCODES, labels=None),
+        (OrientationInPlaced if inplace else Orientationd)(all_keys, axcodes=CANONICAL_AXCODES, labels=None),
     ]
     if resample and spec.spacing is not None:
         steps.append(ResampleInPlaned(keys, spec.spacing, spec.slice_axis, mode="bilinear"))
         if label_keys:
             steps.append(ResampleInPlaned(label_keys, spec.spacing, spec.slice_axis, mode="nearest"))
-    steps.append(NormalizeIntensityPresetd(keys, spec.preset))
+    steps.append(NormalizeIntensityPresetd(keys, spec.preset, inplace=inplace))
     return Compose(steps)

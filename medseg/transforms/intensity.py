@@ -12,17 +12,25 @@ from collections.abc import Hashable, Mapping
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from medseg.transforms.presets import PRESETS, IntensityPreset  # noqa: F401 (re-exported)
+from medseg.transforms.presets import PRESETS, IntensityPreset
 
 
-def normalize_intensity(image: torch.Tensor, preset: str) -> torch.Tensor:
-    """Apply the named preset to ``image`` (C, X, Y, Z) float, each channel on its own."""
+def normalize_intensity(image: torch.Tensor, preset: str, inplace: bool = False) -> torch.Tensor:
+    """Apply the named preset to ``image`` (C, X, Y, Z) float, each channel on its own.
+
+    ``inplace`` overwrites a float32 ``image`` and returns it (the same values, no second
+    volume: inference owns the voxels it read); other types are converted as without it.
+    """
     from monai.utils import look_up_option
 
     p = look_up_option(preset, PRESETS)
     if p.kind == "none":
+        return image
+    if inplace and image.dtype == torch.float32:
+        _normalize_(image.as_tensor() if isinstance(image, MetaTensor) else image, p)
         return image
     x = image.float()
     if p.kind == "window":
@@ -30,32 +38,55 @@ def normalize_intensity(image: torch.Tensor, preset: str) -> torch.Tensor:
     out = torch.empty_like(x)
     for c in range(x.shape[0]):
         ch = x[c]
-        # numpy's percentile: torch.quantile refuses tensors over 16M elements.
-        lo, hi = np.percentile(ch.detach().cpu().numpy(), (p.lower, p.upper))
-        ch = ch.clamp(float(lo), float(hi))
+        lo, hi = _percentiles(ch, p)
+        ch = ch.clamp(lo, hi)
         std = ch.std()
         out[c] = (ch - ch.mean()) / (std if std > 0 else 1.0)
     return out
 
 
-class NormalizeIntensityPreset(Transform):
-    """MONAI array transform: ``normalize_intensity(img, preset)``; (C, X, Y, Z) in and out."""
+def _normalize_(x: torch.Tensor, p: IntensityPreset) -> None:
+    """``normalize_intensity``'s arithmetic on float32 ``x`` in place: the same operations in
+    the same order, so the same values bit for bit."""
+    if p.kind == "window":
+        x.clamp_(p.lower, p.upper).sub_(p.lower).div_(p.upper - p.lower)
+        return
+    for c in range(x.shape[0]):
+        ch = x[c]
+        lo, hi = _percentiles(ch, p)
+        ch.clamp_(lo, hi)
+        std = ch.std()
+        ch.sub_(ch.mean()).div_(std if std > 0 else 1.0)
 
-    def __init__(self, preset: str) -> None:
+
+def _percentiles(ch: torch.Tensor, p: IntensityPreset) -> tuple[float, float]:
+    # numpy's percentile: torch.quantile refuses tensors over 16M elements.
+    lo, hi = np.percentile(ch.detach().cpu().numpy(), (p.lower, p.upper))
+    return float(lo), float(hi)
+
+
+class NormalizeIntensityPreset(Transform):
+    """MONAI array transform: ``normalize_intensity(img, preset, inplace)``; (C, X, Y, Z) in
+    and out. ``inplace`` overwrites float32 inputs (for callers that own them)."""
+
+    def __init__(self, preset: str, inplace: bool = False) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown intensity preset {preset!r}; choose one of {sorted(PRESETS)}")
         self.preset = preset
+        self.inplace = inplace
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        return normalize_intensity(img, self.preset)
+        return normalize_intensity(img, self.preset, self.inplace)
 
 
 class NormalizeIntensityPresetd(MapTransform):
     """Dictionary version of :class:`NormalizeIntensityPreset`."""
 
-    def __init__(self, keys: KeysCollection, preset: str, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, preset: str, allow_missing_keys: bool = False, inplace: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.transform = NormalizeIntensityPreset(preset)
+        self.transform = NormalizeIntensityPreset(preset, inplace)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)

@@ -1,5 +1,6 @@
 """The model card is written from the model folder, the measured figures and the recipe's prose."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -62,6 +63,28 @@ def test_card_holds_the_figures_the_layout_and_the_prose(model_dir):
     assert "OTHER NOTE." in card
     assert "Goal: mean Dice >= 0.9 left and >= 0.8 right. Shipped: 0.9500 / 0.8500: met. <findings>" in card
     assert all(f"<{key}>" in card for key in PROSE)
+
+
+def test_card_shows_reduced_precision_figures_when_measured(model_dir):
+    validation = {"tiny-2d": _result("tiny 2D net", 0.95, 0.85)}
+    assert "## Reduced precision" not in model_card(model_dir, validation, RECIPE)
+    figures = {
+        "cases": 2,
+        "cpu": "CPU: test",
+        "fp32_dice": [0.95, 0.85],
+        "precisions": {
+            "bf16": {
+                "voxel_agreement": 0.99996,
+                "identical_cases": 1,
+                "dice": [0.95, 0.8499],
+                "dice_change": [-0.0, -0.0001],
+            }
+        },
+    }
+    (model_dir / "precision.json").write_text(json.dumps(figures))
+    card = model_card(model_dir, validation, RECIPE)
+    assert "## Reduced precision" in card and "(CPU: test; fp32 Dice 0.9500 / 0.8500)" in card
+    assert "| bf16 | 99.9960% | 1/2 | 0.9500 / 0.8499 | +0.0000 / -0.0001 |" in card
 
 
 def test_card_says_when_the_goal_is_missed(model_dir):

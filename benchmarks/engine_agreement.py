@@ -1,0 +1,136 @@
+"""Each inference engine against PyTorch fp32 on real scans: labels, Dice and run time.
+
+Segments every case of a manifest split (default: the bundled model's 40 validation cases)
+through ``medseg.segment`` (NIfTI output) once per engine and precision installed here, and
+prints one row each: the run's seconds (all cases in one call, which loads the model and its
+engines from a filled cache), voxels whose label agrees with torch fp32's, per-label Dice
+against torch fp32's labels (mean and lowest over cases), mean Dice against the manifest's
+reference labels and its change from torch fp32's, and whether the engine meets issue 12's
+bound (voxel agreement >= 99.9% and |Dice change| <= 0.002 for every label).
+
+    python benchmarks/engine_agreement.py [--manifest data_manifests/hippocampus.json]
+        [--split validation] [--model MODEL_DIR] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+
+from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
+
+import medseg  # noqa: E402
+from medseg.bundled import default_model_dir  # noqa: E402
+from medseg.data.manifest import load_manifest  # noqa: E402
+from medseg.evaluation.metrics import dice  # noqa: E402
+from medseg.inference.engines import load_engine  # noqa: E402
+from medseg.inference.options import cpu_has_native_bf16  # noqa: E402
+from medseg.io import read_scan  # noqa: E402
+from medseg.model import load_model, load_spec  # noqa: E402
+
+AGREEMENT_BOUND = 99.9  # percent of voxels
+DICE_BOUND = 0.002
+
+
+def runs() -> list[tuple[str, str]]:
+    """(engine, precision) pairs to compare, torch fp32 (the reference) first."""
+    native = cpu_has_native_bf16()
+    pairs = [("torch", "fp32")] + ([("torch", "bf16")] if native else [])
+    if importlib.util.find_spec("openvino"):
+        pairs += [("openvino", "fp32")] + ([("openvino", "bf16")] if native else [])
+    if importlib.util.find_spec("onnxruntime"):
+        pairs.append(("onnxruntime", "fp32"))
+    return [*pairs, ("auto", "auto")]
+
+
+def segment_all(images: list[Path], model: Path, out: Path, engine: str, precision: str):
+    """Label maps by image name, and the seconds of one ``medseg.segment`` call over all images."""
+    start = time.perf_counter()
+    report = medseg.segment(images, out, model, formats="nifti", device="cpu", engine=engine, precision=precision)
+    seconds = time.perf_counter() - start
+    failed = [(r.name, r.error) for r in report.records if r.status != "ok"]
+    if failed:
+        raise SystemExit(f"segmentation failed with --engine {engine} --precision {precision}: {failed}")
+    labels = {Path(r.input).name: np.asarray(read_scan(r.outputs["nifti"]).array[0]) for r in report.records}
+    return labels, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, default=Path("data_manifests/hippocampus.json"))
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled model)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of segmentation (engines take turns)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model = args.model or default_model_dir()
+    spec = load_spec(model)
+    values = [lab.value for lab in spec.labels if lab.value != 0]
+    names = {lab.value: lab.name for lab in spec.labels}
+    cases = load_manifest(args.manifest).cases(args.split)
+    images = [case.image for case in cases]
+    refs = {case.image.name: np.rint(np.asarray(read_scan(case.label).array[0])).astype(int) for case in cases}
+
+    print(cpu_line())  # every figure comes with the CPU that made it
+    members = f"ensemble of {len(spec.members)}" if spec.members else "one network"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {model} ({members}); "
+        f"{len(cases)} {args.split} cases of {args.manifest}"
+    )
+    pairs = runs()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["MEDSEG_CACHE_DIR"] = str(tmp / "cache")
+        loaded = load_model(model)
+        picked = load_engine(loaded.members[0] if loaded.members else loaded, torch.device("cpu"))
+        print(f"--engine auto --precision auto runs {picked.name} {picked.precision} here")
+        for engine, precision in pairs:  # conversions into the cache and warm-up, not timed
+            segment_all(images[:1], model, tmp / f"warm-{engine}-{precision}", engine, precision)
+        labels, seconds = {}, dict.fromkeys(pairs, float("inf"))
+        for round_ in range(args.repeats):
+            for engine, precision in pairs:
+                out = tmp / f"seg-{engine}-{precision}-{round_}"
+                labels[engine, precision], took = segment_all(images, model, out, engine, precision)
+                seconds[engine, precision] = min(seconds[engine, precision], took)
+    reference = labels["torch", "fp32"]
+    reference_dice = {v: np.mean([dice(reference[k], refs[k], v) for k in refs]) for v in values}
+
+    header = ["engine", "precision", "segment s", "voxels agreeing with torch fp32"]
+    header += [f"Dice vs torch fp32 {names[v]} (mean / min)" for v in values]
+    header += [f"Dice vs reference {names[v]} (change)" for v in values]
+    header += ["within bound"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    total = sum(v.size for v in reference.values())
+    for engine, precision in pairs:
+        maps = labels[engine, precision]
+        same = sum(int((maps[k] == reference[k]).sum()) for k in reference)
+        agreement = 100 * same / total
+        cells = [engine, precision, f"{seconds[engine, precision]:.1f}"]
+        cells.append(f"{agreement:.4f}% ({total - same} of {total} differ)")
+        for v in values:
+            scores = [dice(maps[k], reference[k], v) for k in reference]
+            cells.append(f"{np.mean(scores):.6f} / {np.min(scores):.6f}")
+        changes = []
+        for v in values:
+            mean = np.mean([dice(maps[k], refs[k], v) for k in refs])
+            changes.append(mean - reference_dice[v])
+            cells.append(f"{mean:.4f} ({changes[-1]:+.5f})")
+        ok = agreement >= AGREEMENT_BOUND and all(abs(c) <= DICE_BOUND for c in changes)
+        cells.append("yes" if ok else "NO")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

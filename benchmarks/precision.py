@@ -1,0 +1,106 @@
+"""The bundled model in reduced precision against fp32, on its 40 validation cases.
+
+Runs the bundled hippocampus model (an ensemble of four ArticleUNet members) with PyTorch in
+fp32, bf16 and fp16 over the validation images of ``data_manifests/hippocampus.json`` (one
+process, the same loaded model) and prints, for each reduced precision: voxel agreement
+with fp32, cases whose masks are identical, mean Dice against the manual labels and its
+change from fp32, and seconds (bf16 and fp16 are emulated, hence slow, on CPUs without them:
+the point here is the agreement, which is what ``--precision auto`` relies on).
+
+    python benchmarks/precision.py [--cases 40] [--precisions fp32,bf16,fp16] [--record]
+
+``--record`` writes the figures to ``models/hippocampus-mr/precision.json``, which the model
+card shows (``pipelines/train_bundled.py --card-only`` regenerates the card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
+
+from medseg.inference.options import InferenceOptions, cpu_has_native_bf16, resolve_precision  # noqa: E402
+from medseg.inference.predictor import make_predictor  # noqa: E402
+from medseg.inference.segment import segment_volume  # noqa: E402
+from medseg.io.readers import read_file  # noqa: E402
+from medseg.model import load_model  # noqa: E402
+
+MANIFEST = ROOT / "data_manifests" / "hippocampus.json"
+
+
+def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
+    x, y = a == value, b == value
+    total = x.sum() + y.sum()
+    return 2.0 * (x & y).sum() / total if total else 1.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=40)
+    parser.add_argument("--precisions", default="fp32,bf16,fp16")
+    parser.add_argument("--record", action="store_true", help="write the model's precision.json")
+    args = parser.parse_args()
+    precisions = args.precisions.split(",")
+    if precisions[0] != "fp32":
+        precisions.insert(0, "fp32")
+    cases = json.loads(MANIFEST.read_text())["validation"][: args.cases]
+    print(cpu_line())
+    print(f"native bf16: {cpu_has_native_bf16()}; --precision auto here: {resolve_precision('auto', _cpu())}")
+    model = load_model(ROOT / "models" / "hippocampus-mr")
+    volumes = [read_file((MANIFEST.parent / c["image"]).resolve()) for c in cases]
+    truths = [np.asarray(nib.load((MANIFEST.parent / c["label"]).resolve()).dataobj).round() for c in cases]
+    masks: dict[str, list[np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    for precision in precisions:
+        predictor = make_predictor(model, InferenceOptions(device="cpu", precision=precision, engine="torch"))
+        start = time.perf_counter()
+        masks[precision] = [segment_volume(v, predictor) for v in volumes]
+        seconds[precision] = time.perf_counter() - start
+    reference = masks["fp32"]
+    ref_dice = np.mean([[dice(m, t, v) for v in (1, 2)] for m, t in zip(reference, truths)], axis=0)
+    voxels = sum(m.size for m in reference)
+    print(f"\n{len(cases)} validation cases, {voxels} voxels, bundled model (4 members), PyTorch engine")
+    print(f"fp32: Dice anterior {ref_dice[0]:.4f}, posterior {ref_dice[1]:.4f}; {seconds['fp32']:.1f} s")
+    record = {"cases": len(cases), "cpu": cpu_line(), "fp32_dice": [round(float(d), 4) for d in ref_dice]}
+    record["precisions"] = {}
+    for precision in precisions[1:]:
+        agree = sum(int((a == b).sum()) for a, b in zip(masks[precision], reference))
+        same = sum(int(np.array_equal(a, b)) for a, b in zip(masks[precision], reference))
+        d = np.mean([[dice(m, t, v) for v in (1, 2)] for m, t in zip(masks[precision], truths)], axis=0)
+        print(
+            f"{precision}: voxel agreement with fp32 {agree / voxels:.4%} ({same}/{len(cases)} masks identical); "
+            f"Dice anterior {d[0]:.4f} ({d[0] - ref_dice[0]:+.4f}), posterior {d[1]:.4f} ({d[1] - ref_dice[1]:+.4f}); "
+            f"{seconds[precision]:.1f} s"
+        )
+        record["precisions"][precision] = {
+            "voxel_agreement": agree / voxels,
+            "identical_cases": same,
+            "dice": [round(float(x), 4) for x in d],
+            "dice_change": [round(float(x - r), 4) for x, r in zip(d, ref_dice)],
+        }
+    if args.record:
+        path = ROOT / "models" / "hippocampus-mr" / "precision.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+if __name__ == "__main__":
+    main()
