@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,jpeg,monai,onnx,openvino]'
+	$(PIP) install -q -e '.[dev,jpeg,monai,onnx,openvino,ray]'
 	touch $(STAMP)
 
 test: setup

@@ -1,12 +1,13 @@
 """Batch throughput: one `medseg segment` call over N small volumes, against N single-scan
-calls and against the MONAI-tutorial recipe looping over the files, same model.
+calls, against the MONAI-tutorial recipe looping over the files, and against the same call
+with ``--executor ray`` (a local Ray started by medseg: Ray's overhead on one node), same model.
 
 Volumes are hippocampus-sized MR crops (about 36x50x40, 1 mm), written as NIfTI. Prints
 scans per second for each way and the ratios to the one-call run, then the per-scan time
 spent outside the network (reading, preprocessing and inference, writing each format) from
 the run report.
 
-    python benchmarks/batch.py [--scans 40] [--single-calls 8]
+    python benchmarks/batch.py [--scans 40] [--single-calls 8] [--ray-workers N] [--no-ray]
 
 Single-scan calls are timed on a subset (``--single-calls``) and scaled, since each one
 pays the interpreter and model start-up this benchmark is about.
@@ -98,6 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scans", type=int, default=40)
     parser.add_argument("--single-calls", type=int, default=8)
+    parser.add_argument("--ray-workers", type=int, default=None, help="--ray-workers of the Ray run")
+    parser.add_argument("--no-ray", action="store_true", help="leave out the Ray executor")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     # One network on both sides: an ensemble's first plain 2D sagittal member (this measures
@@ -120,6 +123,26 @@ def main() -> None:
                 [*medseg, str(tmp / "scans"), "-o", str(tmp / f"one-{formats}"), "--formats", formats], check=True
             )
             seconds[f"medseg, one call ({formats})"] = time.perf_counter() - t
+        run_seconds = {"medseg, one call (nifti)": _report_seconds(tmp / "one-nifti")}
+        ray_settings = None
+        if not args.no_ray and _has_ray():
+            ray_command = [
+                *medseg,
+                str(tmp / "scans"),
+                "-o",
+                str(tmp / "ray"),
+                "--formats",
+                "nifti",
+                "--executor",
+                "ray",
+            ]
+            if args.ray_workers:
+                ray_command += ["--ray-workers", str(args.ray_workers)]
+            t = time.perf_counter()
+            subprocess.run(ray_command, check=True)
+            seconds["medseg, one call, --executor ray (nifti)"] = time.perf_counter() - t
+            run_seconds["medseg, one call, --executor ray (nifti)"] = _report_seconds(tmp / "ray")
+            ray_settings = json.loads((tmp / "ray" / "medseg-run.json").read_text())["settings"]
         subset = paths[: args.single_calls]
         t = time.perf_counter()
         for path in subset:
@@ -135,10 +158,28 @@ def main() -> None:
     print(f"{args.scans} volumes of 36x50x40, bundled model, {torch.get_num_threads()} threads")
     for name, s in seconds.items():
         print(f"{name:42s} {s:7.1f} s  {args.scans / s:6.2f} scans/s  time / one-call {s / base:5.2f}x")
+    for name, s in run_seconds.items():
+        # From the run report: planning to the last record, without interpreter, Ray and model start-up.
+        print(f"{name:42s} {s:7.1f} s  {args.scans / s:6.2f} scans/s  run only (report), without start-up")
+    if ray_settings is not None:
+        print(f"Ray run: {ray_settings['workers']} worker(s) on {ray_settings['nodes']} node(s)")
     timings = [r["timings"] for r in report["scans"] if r["status"] == "ok"]
-    for stage in ("read", "infer", "write"):
-        values = np.array([t[stage] for t in timings])
-        print(f"per scan {stage:5s} (nifti + seg.nrrd run): median {1000 * np.median(values):6.1f} ms")
+    for stage in ("read", "preprocess", "infer", "write"):
+        values = np.array([t.get(stage, 0.0) for t in timings])
+        print(f"per scan {stage:10s} (nifti + seg.nrrd run): median {1000 * np.median(values):6.1f} ms")
+
+
+def _report_seconds(out: Path) -> float:
+    return float(json.loads((out / "medseg-run.json").read_text())["summary"]["seconds"])
+
+
+def _has_ray() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("Ray is not installed (pip install 'medseg[ray]'): no Ray run")
+        return False
+    return True
 
 
 if __name__ == "__main__":

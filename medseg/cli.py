@@ -221,6 +221,22 @@ def _segment_options(seg: argparse.ArgumentParser) -> None:
         "installed, as measured), PyTorch on GPUs; the first run converts and caches the network",
     )
     seg.add_argument("--series-uid", type=_uid, help="segment only this DICOM series (UIDs: see --list)")
+    seg.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process; ray: a Ray cluster's workers (pip install 'medseg[ray]'; inputs, model "
+        "and output folder on storage every node sees)",
+    )
+    seg.add_argument(
+        "--ray-address",
+        help="with --executor ray: the cluster's HOST:PORT, or auto on a cluster node (default: start a local Ray)",
+    )
+    seg.add_argument(
+        "--ray-workers",
+        type=_positive_int,
+        help="with --executor ray: number of workers (default: one per GPU, else one per 4 CPUs)",
+    )
 
 
 def _init_model_options(init: argparse.ArgumentParser) -> None:
@@ -496,7 +512,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         return _run_list(discover_all(list(args.inputs), args.series_uid))
     from medseg.batch.run import segment, torchrun_device, torchrun_shard
 
-    shard = args.shard or torchrun_shard()
+    # torchrun's ranks shard a local run; a Ray run is spread by Ray.
+    shard = args.shard or (torchrun_shard() if args.executor == "local" else None)
     progress = _progress(args.quiet)
     try:
         report = segment(
@@ -514,6 +531,9 @@ def _run_segment(args: argparse.Namespace) -> int:
             engine=args.engine,
             dicom_seg_type=args.dicom_seg_type,
             probabilities=args.probabilities,
+            executor=args.executor,
+            ray_address=args.ray_address,
+            ray_workers=args.ray_workers,
         )
     finally:
         progress.close()

@@ -102,6 +102,21 @@ def test_changed_input_is_redone(folder, tmp_path, tiny_model_dir):
     assert nib.load(str(out / "sub-02.nii.gz")).shape == g.shape
 
 
+def test_other_precision_is_redone_other_engine_is_not(folder, tmp_path, tiny_model_dir):
+    # bf16 labels may differ from fp32 ones: a rerun in another precision must not keep them;
+    # the engines agree exactly, so switching engine keeps finished scans.
+    model = load_model(tiny_model_dir)
+    out = tmp_path / "out"
+    shutil.rmtree(folder / "bad")
+    first = segment(folder, out, model, precision="fp32", engine="torch")
+    assert first.settings["precision"] == "fp32" and first.settings["overlap"] == 0.25
+    again = segment(folder, out, model, precision="fp32", engine="onnxruntime")
+    assert {r.status for r in again.records} == {"skipped"}
+    redone = segment(folder, out, model, precision="bf16", engine="torch")
+    assert redone.settings["precision"] == "bf16"
+    assert {r.status for r in redone.records} == {"ok"}
+
+
 def test_dicom_seg_output_for_dicom_inputs_only(folder, tmp_path, tiny_model_dir):
     import highdicom as hd
 

@@ -8,10 +8,12 @@ and the demo. To segment a volume already in memory, use ``medseg.segment_volume
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,12 +25,15 @@ from medseg.io.discover import Discovery, ScanInput, ScanSource, Skipped, discov
 from medseg.io.formats import DEFAULT_FORMATS, WriteOptions, parse_formats
 
 if TYPE_CHECKING:
-    from medseg.batch.runner import BatchOptions
+    from medseg.batch.runner import BatchOptions, Executor
     from medseg.model import Model
 
 logger = logging.getLogger(__name__)
 
 Inputs = str | Path | ScanInput | Sequence[str | Path | ScanInput]
+
+# Where a run's scans are segmented: this process, or a Ray cluster (medseg[ray]).
+EXECUTORS = ("local", "ray")
 
 
 def segment(
@@ -47,6 +52,9 @@ def segment(
     engine: str = "auto",
     dicom_seg_type: str = "binary",
     probabilities: str | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
 ) -> RunReport:
     """Segment every scan in ``inputs`` into ``output_dir`` and return the run's report.
 
@@ -68,6 +76,14 @@ def segment(
             "auto" picks the precision and the fastest installed engine for the device).
         dicom_seg_type: "binary" or "labelmap" DICOM SEG encoding.
         probabilities: "uint8" or "float32" also writes a probability map per label.
+        executor: "local" segments in this process; "ray" on a Ray cluster (``pip install
+            'medseg[ray]'``): actors that each load the model once read, segment and write
+            the scans (inputs, model folder and ``output_dir`` on storage every node sees),
+            largest first; scans whose worker died are segmented again. This process
+            plans the run and writes the report, as for a local run.
+        ray_address: the cluster's address ("HOST:PORT", or "auto" on a cluster node);
+            None starts a local Ray (or uses the one this process is connected to).
+        ray_workers: number of Ray actors (default: one per GPU, else one per 4 CPUs).
 
     Returns:
         The :class:`~medseg.batch.report.RunReport`: one record per scan (ok, failed with
@@ -85,6 +101,7 @@ def segment(
     inference = InferenceOptions(device=device, batch_size=batch_size, precision=precision, engine=engine)
     requests = _as_list(inputs)
     _check_arguments(output_dir, overwrite, shard)
+    _check_executor(executor, ray_address, ray_workers, shard)
     if progress is not None and not all(
         callable(getattr(progress, m, None)) for m in ("run_started", "slices_done", "scan_done")
     ):
@@ -97,7 +114,8 @@ def segment(
 
     if model is not None and not isinstance(model, str | Path | Model):
         raise TypeError(f"model must be a model folder, a loaded Model or None, got {model!r}")
-    resolve_device(inference.device)  # "cuda" on a machine without one: said before any work
+    if executor == "local":
+        resolve_device(inference.device)  # "cuda" on a machine without one: said before any work
     output_dir = Path(output_dir).absolute()
     if output_dir.exists() and not output_dir.is_dir():
         raise FileProblem(output_dir, "is a file, not a folder", "give -o a folder (it is created if missing)")
@@ -107,7 +125,8 @@ def segment(
         raise _nothing_found(discovery)
     _check_formats_apply(names, discovery)
     _prepare_output_folder(output_dir)
-    return _run(discovery, output_dir, _loaded(model), options, inference, progress)
+    placement = Placement(executor, ray_address, ray_workers)
+    return _run(discovery, output_dir, _loaded(model), options, inference, placement, progress)
 
 
 def _as_list(inputs: Inputs) -> list[str | Path | ScanInput]:
@@ -139,6 +158,23 @@ def _check_arguments(output_dir: object, overwrite: object, shard: object) -> No
         not isinstance(shard, tuple | list) or len(shard) != 2 or not all(isinstance(v, int) for v in shard)
     ):
         raise TypeError(f"shard must be (index, count), for example (0, 2); got {shard!r}")
+
+
+def _check_executor(executor: object, address: object, workers: object, shard: object) -> None:
+    """The executor options, before anything is read or Ray is started."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if executor != "ray" and (address is not None or workers is not None):
+        raise ValueError("ray_address and ray_workers (--ray-address, --ray-workers) need executor 'ray'")
+    if address is not None and (not isinstance(address, str) or not address.strip()):
+        raise ValueError(f"ray_address must be HOST:PORT or 'auto', got {address!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"ray_workers must be a positive integer, got {workers!r}")
+    if executor == "ray" and shard is not None:
+        raise ValueError(
+            "shard and executor 'ray' do not combine: Ray spreads one run over its workers itself; "
+            "use --shard I/N for processes you start yourself (a SLURM array), or --executor ray"
+        )
 
 
 def _check_formats_apply(names: tuple[str, ...], discovery: Discovery) -> None:
@@ -230,26 +266,55 @@ def _loaded(model: str | Path | Model | None) -> Model:
     return load_model(model if model is not None else default_model_dir())
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the scans are segmented: ``executor`` "local" (this process) or "ray" (the
+    cluster at ``ray_address``, None for a local Ray, with ``ray_workers`` actors)."""
+
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_workers: int | None = None
+
+
 def _run(
     discovery: Discovery,
     output_dir: Path,
     model: Model,
     options: BatchOptions,
     inference: InferenceOptions,
+    placement: Placement,
     progress: RunProgress | None,
 ) -> RunReport:
     from medseg.batch.merge import merge_shard_reports
     from medseg.batch.runner import BatchRunner
-    from medseg.inference.predictor import make_predictor
 
-    runner = BatchRunner(make_predictor(model, inference), output_dir, options, model.sha256)
-    report = runner.run(discovery, progress)
+    with _executor(model, output_dir, options, inference, placement) as executor:
+        report = BatchRunner(model, output_dir, options, executor).run(discovery, progress)
     count = options.shard[1]
     if count > 1:
         merged = merge_shard_reports(output_dir, count)
         if merged is not None:  # the last shard to finish answers for the whole run
             report = load_report(merged)
     return report
+
+
+@contextlib.contextmanager
+def _executor(
+    model: Model, output_dir: Path, options: BatchOptions, inference: InferenceOptions, placement: Placement
+) -> Iterator[Executor]:
+    """The executor ``placement`` names, stopped (and a Ray it started shut down) on leaving."""
+    if placement.executor == "ray":
+        from medseg.batch.ray_executor import RayExecutor
+
+        with RayExecutor(
+            model, output_dir, options.formats, options.write, inference, placement.ray_address, placement.ray_workers
+        ) as ray_executor:
+            yield ray_executor
+        return
+    from medseg.batch.runner import LocalExecutor
+    from medseg.inference.predictor import make_predictor
+
+    yield LocalExecutor(make_predictor(model, inference), output_dir, options)
 
 
 def torchrun_shard() -> tuple[int, int] | None:

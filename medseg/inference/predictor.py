@@ -263,12 +263,14 @@ def make_predictor(model: Model, options: InferenceOptions = DEFAULT_INFERENCE) 
     return EnsemblePredictor(model, options) if model.members else SlicePredictor(model, options)
 
 
-def how_it_runs(predictor: SlicePredictor | EnsemblePredictor) -> dict[str, str]:
-    """Device, engine and precision the network runs with, as the run report records them
-    (an ensemble's members run alike; several values are joined with commas)."""
+def how_it_runs(predictor: SlicePredictor | EnsemblePredictor) -> dict[str, str | float]:
+    """Device, engine, precision and sliding-window overlap the network runs with, as the
+    run report records them (an ensemble's members run alike; several values are joined
+    with commas)."""
     members = predictor.members if isinstance(predictor, EnsemblePredictor) else [predictor]
     return {
         "device": str(members[0].device),
         "engine": ",".join(dict.fromkeys(m.engine.name for m in members)),
         "precision": ",".join(dict.fromkeys(m.engine.precision for m in members)),
+        "overlap": members[0].options.overlap,
     }
