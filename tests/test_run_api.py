@@ -4,6 +4,7 @@ and one naming rule that ``evaluate`` follows for every input kind."""
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +344,57 @@ def test_another_runs_output_folder_is_not_segmented(tmp_path, model):
 def test_an_empty_input_path_is_refused(tmp_path, model):
     with pytest.raises(ValueError, match="empty path"):
         medseg.segment("", tmp_path / "out", model)
+
+
+def test_report_file_is_the_json_of_the_whole_report_and_records_are_encoded_once(tmp_path):
+    import dataclasses
+    import json
+
+    from medseg.batch.report import RunReport, ScanRecord
+
+    def record(i, status="ok"):
+        return ScanRecord(
+            name=f"case_{i}",
+            input=f"/in/case_{i}.nii.gz",
+            kind="nifti",
+            status=status,
+            shape=(3, 4, 5),
+            spacing=(1.0, 0.5, 2.5),
+            outputs={"nifti": f"/out/case_{i}.nii.gz"},
+            warnings=('a "quoted" warning\nover two lines',),
+            timings={"read": 0.01},
+            volumes_ml={"liver": 1.5},
+        )
+
+    for records, skipped in (([], []), ([record(0), record(1)], []), ([record(0)], [{"path": "x", "reason": "y"}])):
+        report = RunReport(records=list(records), skipped_files=skipped, settings={"a": [1, 2]}, notes=["n"])
+        for _ in range(2):  # the second write uses the records' kept encodings
+            report.write(tmp_path)
+            text = (tmp_path / "medseg-run.json").read_text()
+            expected = {
+                "settings": report.settings,
+                "summary": json.loads(text)["summary"],
+                "notes": report.notes,
+                "scans": [dataclasses.asdict(r) for r in records],
+                "non_scan_files": skipped,
+            }
+            assert text == json.dumps(expected, indent=1) + "\n"
+            assert len((tmp_path / "medseg-run.csv").read_text().splitlines()) == 1 + 2 * len(records)
+    # A record replaced by another (resume marks it skipped) is written as it is now.
+    report.records[0] = dataclasses.replace(report.records[0], status="skipped")
+    report.write(tmp_path)
+    assert json.loads((tmp_path / "medseg-run.json").read_text())["scans"][0]["status"] == "skipped"
+
+
+def test_report_pace_rewrites_small_reports_every_time_and_large_ones_at_most_a_tenth():
+    from medseg.batch.runner import _ReportPace
+
+    pace = _ReportPace()
+    assert pace.due()
+    with pace.timed():
+        pass  # a cheap report: always due
+    assert pace.due()
+    pace.last_cost, pace.last_end = 0.5, time.perf_counter()  # a report that took 0.5 s to write
+    assert not pace.due()
+    pace.last_end -= 5.0  # ten times its cost has passed
+    assert pace.due()

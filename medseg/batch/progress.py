@@ -12,7 +12,9 @@ class RunProgress:
     """Override the methods you need; each is a no-op here.
 
     ``scan_done`` is called from the writer thread, one call at a time, as soon as a
-    scan's outputs are renamed into place and its record is in the report file.
+    scan's outputs are renamed into place and its record is in the report (the file is
+    rewritten then, unless that would take more than a tenth of the run's time, as in runs
+    of thousands of scans: then with the next rewrite, and always at the end).
     """
 
     def run_started(self, scans: int) -> None:

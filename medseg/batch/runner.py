@@ -4,7 +4,8 @@ for each scan: done before with the same inputs, model and options? keep its rec
 (resume; ``overwrite`` redoes everything) : segment it (``medseg.batch.worker``), in this
 process or on a Ray cluster. One failing scan never stops the run: its record holds the
 stage, the error and a hint. Each record reaches the report, and the caller's progress, as
-soon as that scan's outputs are renamed into place.
+soon as that scan's outputs are renamed into place (the report file is rewritten then unless
+that would take more than a tenth of the run's time: ``_ReportPace``).
 """
 
 from __future__ import annotations
@@ -167,26 +168,42 @@ class BatchRunner:
         self._save(report)  # the run is on record before its first scan
         progress.run_started(len(mine))
 
-        def finish(record: ScanRecord) -> None:
-            with self._lock:
-                report.records.append(record)
-                try:
+        unsaved: list[ScanRecord] = []  # finished, not yet in the report file
+        pace = _ReportPace()
+
+        def save() -> None:
+            try:
+                with pace.timed():
                     self._save(report)
-                except MedsegError:
+            except MedsegError:
+                for record in unsaved:
                     if record.status == "ok":  # its files must not outlive the missing record
                         for path in record.outputs.values():
                             Path(path).unlink(missing_ok=True)
-                    raise
+                raise
+            unsaved.clear()
+
+        def finish(record: ScanRecord) -> None:
+            with self._lock:
+                report.records.append(record)
+                unsaved.append(record)
+                if pace.due():
+                    save()
                 progress.scan_done(record)
 
-        todo = []
-        for scan in mine:
-            planned = self._plan(scan, earlier.get(scan.name))
-            if isinstance(planned, ScanRecord):
-                finish(planned)
-            else:
-                todo.append(planned)
-        disk_full = self.executor.segment(todo, finish, progress.slices_done)
+        try:
+            todo = []
+            for scan in mine:
+                planned = self._plan(scan, earlier.get(scan.name))
+                if isinstance(planned, ScanRecord):
+                    finish(planned)
+                else:
+                    todo.append(planned)
+            disk_full = self.executor.segment(todo, finish, progress.slices_done)
+        finally:  # interrupted or not, every finished record reaches the file
+            with self._lock:
+                if unsaved:
+                    save()
         remove_stale_temporaries(self.out_dir, finals)  # of a worker killed while writing
         report.seconds = round(time.perf_counter() - report.started, 3)
         if disk_full:
@@ -271,6 +288,34 @@ class BatchRunner:
         for note in notes:
             logger.warning("%s", note)
         return notes
+
+
+class _ReportPace:
+    """When to rewrite the report: after every record, unless the report is large (10 ms or
+    more to write) and rewriting it would take more than a tenth of the time (a report of
+    10,000 records takes ~0.1 s to write), so a run of
+    tens of thousands of scans is not slowed by its own report; the records in between are
+    written with the next rewrite, and at the end of the run however it ends."""
+
+    SHARE = 0.1
+    # Reports cheaper than this (up to ~1,000 records) are rewritten after every record.
+    ALWAYS_BELOW_S = 0.01
+
+    def __init__(self) -> None:
+        self.last_end = 0.0
+        self.last_cost = 0.0
+
+    def due(self) -> bool:
+        if self.last_cost < self.ALWAYS_BELOW_S:
+            return True
+        return time.perf_counter() - self.last_end >= self.last_cost / self.SHARE
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.last_end = time.perf_counter()
+        self.last_cost = self.last_end - start
 
 
 @contextlib.contextmanager
