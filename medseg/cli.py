@@ -505,11 +505,21 @@ def _run_list(discovery) -> int:
     return EXIT_OK
 
 
+def _leave_out_ignite() -> None:
+    """Tell this process pytorch-ignite is absent. ``import monai`` imports it (for MONAI's
+    engines and handlers, which segmenting never uses) and with it torch.distributed and
+    sympy: ~1.1-1.8 s and ~54 MB of every ``medseg segment`` (benchmarks/RESULTS.md,
+    "Start-up"). MONAI imports it optionally, so it carries on as without ignite installed.
+    Only the command's own process: a library user's MONAI keeps its engines."""
+    sys.modules.setdefault("ignite", None)  # type: ignore[arg-type]  # None: "not importable"
+
+
 def _run_segment(args: argparse.Namespace) -> int:
     if args.list:
         from medseg.io.discover import discover_all
 
         return _run_list(discover_all(list(args.inputs), args.series_uid))
+    _leave_out_ignite()
     from medseg.batch.run import segment, torchrun_device, torchrun_shard
 
     # torchrun's ranks shard a local run; a Ray run is spread by Ray.

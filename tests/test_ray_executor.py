@@ -155,6 +155,18 @@ def test_unusable_model_folder_on_workers_is_named(mixed, tmp_path, tiny_model_d
         segment(mixed, tmp_path / "out", model, executor="ray")
 
 
+def test_more_workers_than_the_cluster_has_room_for_go_on_with_those_that_start(
+    mixed, tmp_path, tiny_model_dir, local_ray, monkeypatch, caplog
+):
+    import medseg.batch.ray_executor as ray_executor
+
+    monkeypatch.setattr(ray_executor, "PARTIAL_START_GRACE_S", 3.0)  # 60 s in earnest
+    report = segment(mixed, tmp_path / "out", tiny_model_dir, executor="ray", ray_workers=5)
+    assert report.settings["workers"] == 2  # 1 CPU each on a 2-CPU cluster
+    assert {r.status for r in report.records} == {"ok"} and len(report.records) == 5
+    assert "2 of 5 Ray workers started" in caplog.text
+
+
 def test_pool_from_cluster_resources():
     assert plan_pool([{"CPU": 2.0}], "auto") == PoolPlan(1, 2.0, 0)
     assert plan_pool([{"CPU": 16.0}, {"CPU": 8.0}], "auto") == PoolPlan(6, 4.0, 0)
@@ -180,6 +192,18 @@ def test_bad_executor_options_are_refused_before_work(mixed, tmp_path, tiny_mode
     with pytest.raises(ValueError, match=message):
         segment(mixed, tmp_path / "out", tiny_model_dir, **options)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("address", "message"), [("127.0.0.1:1", "nothing answers at 127.0.0.1:1"), ("garbage", "is not a Ray address")]
+)
+def test_unreachable_or_malformed_address_is_said_at_once(mixed, tmp_path, tiny_model_dir, address, message):
+    # A fresh process: this module's own Ray connection would be used instead of any address.
+    command = [sys.executable, "-m", "medseg", "segment", str(mixed), "-o", str(tmp_path / "out")]
+    command += ["--model", str(tiny_model_dir), "--executor", "ray", "--ray-address", address]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # ray.init alone: minutes
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "medseg-run.json").exists()
 
 
 def test_without_ray_installed_the_message_says_how(mixed, tmp_path, tiny_model_dir, monkeypatch):

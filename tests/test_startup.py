@@ -55,6 +55,18 @@ def test_help_and_argument_errors_import_no_heavy_library(args):
     assert heavy == [], f"medseg {' '.join(args)} imported {heavy}"
 
 
+def test_segment_command_leaves_ignite_out(tmp_path):
+    """MONAI would import pytorch-ignite (1-2 s, ~54 MB) for engines segmenting never uses."""
+    from helpers import make_geometry, phantom, write_nifti
+
+    g = make_geometry((12, 14, 6), (1.0, 1.0, 2.0))
+    scan = write_nifti(tmp_path / "scan.nii.gz", phantom(g.shape), g)
+    code, heavy = _heavy_imports("segment", str(scan), "-o", str(tmp_path / "out"), "--quiet")
+    assert code == 0 and (tmp_path / "out" / "scan.nii.gz").is_file()
+    # "ignite" itself is there as the None that marks it absent; none of its modules loaded.
+    assert "monai" in heavy and not [m for m in heavy if m.startswith("ignite.")]
+
+
 def test_info_reads_model_json_without_torch():
     code, heavy = _heavy_imports("info", str(default_model_dir()))
     assert code == 0

@@ -49,6 +49,8 @@ CPU_THREADS_PER_WORKER = 4
 START_TIMEOUT_S = 600.0
 # After Ctrl-C, how long the scans in flight may take to finish and be recorded.
 INTERRUPT_GRACE_S = 20.0
+# Once one actor runs, how long the others may take to start before the run goes on without them.
+PARTIAL_START_GRACE_S = 60.0
 # A local Ray started by medseg carries task arguments and records only: a small object store.
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
 
@@ -216,6 +218,8 @@ class RayExecutor:
             # reports no usage statistics (medical sites, often offline) unless the user asked.
             kwargs.update(object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.ERROR)
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if address is not None and address != "auto":
+            _check_reachable(address)  # ray.init would retry an unreachable address for many minutes
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -244,27 +248,59 @@ class RayExecutor:
         bundled = Path(model.folder).resolve() == Path(default_model_dir()).resolve()
         args = (str(model.folder), bundled, model.sha256, str(out_dir), formats, write, inference, plan.threads)
         actors = [actor_class.remote(*args) for _ in range(plan.workers)]
+        self._slots = [_Slot(a) for a in actors]  # close() stops them, whatever happens next
         logger.info("starting %d Ray worker(s) (%s CPU, %d GPU each)", plan.workers, plan.cpus, plan.gpus)
-        self._how = self._ready_settings(actors, model.folder)
-        return [_Slot(a) for a in actors]
+        started, self._how = self._started_actors(actors, model.folder)
+        return [s for s in self._slots if any(s.actor is a for a in started)]
 
-    def _ready_settings(self, actors: list[Any], folder: Path) -> list[dict[str, Any]]:
-        """Each actor's settings once it has loaded the model; a clear error when none can."""
+    def _started_actors(self, actors: list[Any], folder: Path) -> tuple[list[Any], list[dict[str, Any]]]:
+        """The actors that started and loaded the model, with their settings.
+
+        Waits up to ``START_TIMEOUT_S`` for the first; once one runs, the others get
+        ``PARTIAL_START_GRACE_S`` more, and the run goes on with those that started (more
+        workers than the cluster has room for wait for nothing). A clear error when none
+        starts, when a worker cannot load the model, or when the versions differ.
+        """
         ray = self.ray
-        refs = [a.settings.remote() for a in actors]
-        _ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_S)
-        if waiting:
+        refs = {a.settings.remote(): a for a in actors}
+        start, first = time.monotonic(), None
+        waiting, ready = list(refs), []
+        while waiting:
+            limit = start + START_TIMEOUT_S
+            if first is not None:
+                limit = min(limit, first + PARTIAL_START_GRACE_S)
+            left = limit - time.monotonic()
+            if left <= 0:
+                break
+            done, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+            if done and first is None:
+                first = time.monotonic()
+            ready += done
+        if not ready:
             raise RayUnavailable(
-                f"{len(waiting)} of {len(actors)} Ray workers did not start within {START_TIMEOUT_S:.0f} s "
+                f"none of {len(actors)} Ray workers started within {START_TIMEOUT_S:.0f} s "
                 f"(each asks for {self.plan.cpus} CPU and {self.plan.gpus} GPU)",
                 "the cluster lacks free resources: pass a smaller --ray-workers or free the cluster",
             )
         try:
-            settings = ray.get(refs)
+            settings = ray.get(ready)
         except self.ray.exceptions.RayError as err:
             raise ModelError(
-                folder, f"cannot be loaded by the Ray workers: {_last_line(err)}", "see the cause above"
+                folder,
+                f"cannot be loaded by the Ray workers: {_last_line(err)}",
+                "every node must see this model folder under the same path (shared storage) and load it "
+                "(try medseg info FOLDER on a node)",
             ) from err
+        for ref in waiting:  # never started: the cluster has no room for them
+            ray.kill(refs[ref], no_restart=True)
+        if waiting:
+            logger.warning(
+                "%d of %d Ray workers started (no room for more of %s CPU, %d GPU each); going on with them",
+                len(ready),
+                len(actors),
+                self.plan.cpus,
+                self.plan.gpus,
+            )
         from medseg import __version__
 
         versions = {s["medseg"] for s in settings}
@@ -273,7 +309,7 @@ class RayExecutor:
                 f"the Ray workers run medseg {', '.join(sorted(versions))}, this process {__version__}",
                 "install the same medseg version on every node",
             )
-        return settings
+        return [refs[r] for r in ready], settings
 
     def settings(self) -> dict[str, Any]:
         def joined(key: str) -> str:
@@ -306,6 +342,23 @@ class RayExecutor:
         if self._started and ray.is_initialized():
             ray.shutdown()
         self._started = False
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse, at once, an address that is not HOST:PORT (or ray://HOST:PORT) or where nothing
+    answers."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnavailable(
+            f"{address!r} is not a Ray address", "give the head node's HOST:PORT (6379 by default), or auto"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise RayUnavailable(
+            f"nothing answers at {address} ({err.strerror or err})",
+            "check that the Ray head node runs (ray status on it) and that this machine can reach that port",
+        ) from err
 
 
 def _alive_nodes(ray: Any) -> list[dict[str, float]]:
