@@ -208,27 +208,35 @@ class RayExecutor:
         self.close()
 
     def _connect(self, address: str | None) -> bool:
-        """Connect to ``address`` (or start a local Ray); True when this call connected."""
+        """Connect to ``address`` ($RAY_ADDRESS when None and set), or start a local Ray of
+        our own (never another local cluster's); True when this call connected."""
         ray = self.ray
         if ray.is_initialized():
             return False  # the caller's own connection: theirs to close
+        named = "--ray-address"
+        if address is None and os.environ.get("RAY_ADDRESS"):
+            address, named = os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-        if address is None and not os.environ.get("RAY_ADDRESS"):
-            # A Ray of our own: its start-up notices are not the user's business, and it
-            # reports no usage statistics (medical sites, often offline) unless the user asked.
+        if address is None:
+            # A Ray of our own ("local": even where another cluster runs on this machine): its
+            # start-up notices are not the user's business, and it reports no usage
+            # statistics (medical sites, often offline) unless the user asked for them.
+            address = "local"
             kwargs.update(object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.ERROR)
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if address is not None and address != "auto":
-            _check_reachable(address)  # ray.init would retry an unreachable address for many minutes
+        elif address != "auto":
+            _check_ray_answers(address, named)  # ray.init would retry a wrong address for many minutes
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            where = f"the Ray cluster at {address}" if address else "a local Ray"
+            local = address == "local"
             raise RayUnavailable(
-                f"cannot connect to {where}: {err}",
-                "check --ray-address (host:port of the head node, or 'auto' on a cluster node)"
-                if address
-                else "check that this machine can run Ray (see ray.init's message)",
+                f"cannot {'start a local Ray' if local else f'connect to the Ray cluster at {address} ({named})'}: "
+                f"{_last_line(err)}",
+                "check that this machine can run Ray (ray start --head works)"
+                if local
+                else f"check {named}: the head node's HOST:PORT (6379 by default), or auto on a cluster node; "
+                "a cluster with token authentication also needs its token here (~/.ray/auth_token)",
             ) from err
         return True
 
@@ -246,9 +254,22 @@ class RayExecutor:
             max_concurrency=IN_FLIGHT_PER_WORKER,
         )
         bundled = Path(model.folder).resolve() == Path(default_model_dir()).resolve()
-        args = (str(model.folder), bundled, model.sha256, str(out_dir), formats, write, inference, plan.threads)
+        folder = str(Path(model.folder).absolute())  # the workers' working folder is not ours
+        args = (folder, bundled, model.sha256, str(Path(out_dir).absolute()), formats, write, inference, plan.threads)
         actors = [actor_class.remote(*args) for _ in range(plan.workers)]
         self._slots = [_Slot(a) for a in actors]  # close() stops them, whatever happens next
+        total = ray.cluster_resources()
+        if plan.workers * plan.cpus > total.get("CPU", 0) or plan.workers * plan.gpus > total.get("GPU", 0):
+            logger.warning(
+                "%d workers of %s CPU, %d GPU each do not fit the cluster's %s CPU, %s GPU: those that fit "
+                "start, and the run goes on with them after %.0f s",
+                plan.workers,
+                plan.cpus,
+                plan.gpus,
+                total.get("CPU", 0),
+                total.get("GPU", 0),
+                PARTIAL_START_GRACE_S,
+            )
         logger.info("starting %d Ray worker(s) (%s CPU, %d GPU each)", plan.workers, plan.cpus, plan.gpus)
         started, self._how = self._started_actors(actors, model.folder)
         return [s for s in self._slots if any(s.actor is a for a in started)]
@@ -317,7 +338,7 @@ class RayExecutor:
 
         return {
             "executor": "ray",
-            "ray_address": self.address or ("RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "local"),
+            "ray_address": self.address or os.environ.get("RAY_ADDRESS") or "local",
             "workers": len(self._how),
             "nodes": len({s["node"] for s in self._how}),
             "device": joined("device"),
@@ -344,21 +365,28 @@ class RayExecutor:
         self._started = False
 
 
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """Refuse, at once, an address that is not HOST:PORT (or ray://HOST:PORT) or where nothing
-    answers."""
+def _check_ray_answers(address: str, named: str = "--ray-address", timeout_s: float = 10.0) -> None:
+    """Refuse, at once, an address that is not HOST:PORT (or ray://HOST:PORT), where nothing
+    answers, or where what answers is not a gRPC server (Ray's head node and Ray Client speak
+    gRPC; the dashboard's port, a web server, does not): ``ray.init`` retries those for
+    minutes, printing connection errors."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    hint = f"give {named} the head node's HOST:PORT (6379 by default; not the dashboard's 8265), or auto"
     if not host or not port.isdigit():
-        raise RayUnavailable(
-            f"{address!r} is not a Ray address", "give the head node's HOST:PORT (6379 by default), or auto"
-        )
+        raise RayUnavailable(f"{address!r} ({named}) is not a Ray address", hint)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as conn:
+            # An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server answers
+            # with a SETTINGS frame (type 4) of its own.
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            answer = conn.recv(9)
     except OSError as err:
         raise RayUnavailable(
-            f"nothing answers at {address} ({err.strerror or err})",
+            f"nothing answers at {address} ({named}; {err.strerror or err})",
             "check that the Ray head node runs (ray status on it) and that this machine can reach that port",
         ) from err
+    if len(answer) < 4 or answer[3] != 4:
+        raise RayUnavailable(f"what answers at {address} ({named}) is not a Ray head node", hint)
 
 
 def _alive_nodes(ray: Any) -> list[dict[str, float]]:
@@ -407,7 +435,9 @@ class _Dispatch:
 
     def _drain(self) -> None:
         """After Ctrl-C: record the scans the workers are finishing (for up to
-        ``INTERRUPT_GRACE_S``), so no finished output is left without its record."""
+        ``INTERRUPT_GRACE_S``), so their outputs do not go unrecorded. A second Ctrl-C stops
+        at once; a scan a worker was writing then may be left without its record, and the
+        next run redoes it."""
         self.pending.clear()
         deadline = time.monotonic() + INTERRUPT_GRACE_S
         logger.warning("interrupted: recording the scans in flight (Ctrl-C again to stop at once)")
@@ -449,12 +479,18 @@ class _Dispatch:
         errors = self.ray.exceptions
         try:
             record, full = self.ray.get(ref)
-        except (errors.RayActorError, errors.WorkerCrashedError, errors.ObjectLostError, errors.NodeDiedError) as err:
+        except errors.RayTaskError as err:  # the worker's code raised (it records failures itself): a bug
+            record = failed_record(task, "infer", RuntimeError(_last_line(err)), 0.0)
+            full = False
+        except errors.RayError as err:  # the worker, its node or its memory is gone: not the scan's fault
             self._lost(slot, err)
             reason = f"its Ray worker died during attempt {attempt}"
-            logger.warning("%s: %s of %d (%s)", task.scan.name, reason, MAX_ATTEMPTS, _last_line(err))
+            logger.warning("%s: %s of %d; it is handed out again", task.scan.name, reason, MAX_ATTEMPTS)
+            logger.debug("%s: %s", task.scan.name, err)
             if attempt < MAX_ATTEMPTS:
-                self.pending.appendleft((task, attempt + 1, reason))
+                # At the back: a scan in flight when a worker is killed for other reasons is
+                # not in flight again at once, to be charged for the next death too.
+                self.pending.append((task, attempt + 1, reason))
                 return
             record, full = _gave_up(task), False
         if why:

@@ -286,9 +286,13 @@ def _run(
     progress: RunProgress | None,
 ) -> RunReport:
     from medseg.batch.merge import merge_shard_reports
-    from medseg.batch.runner import BatchRunner
+    from medseg.batch.runner import BatchRunner, run_lock
 
-    with _executor(model, output_dir, options, inference, placement) as executor:
+    # The lock first: a second run into this folder is refused before it starts any worker.
+    with (
+        run_lock(output_dir, options.report_name),
+        _executor(model, output_dir, options, inference, placement) as executor,
+    ):
         report = BatchRunner(model, output_dir, options, executor).run(discovery, progress)
     count = options.shard[1]
     if count > 1:

@@ -151,12 +151,8 @@ class BatchRunner:
 
     def run(self, discovery: Discovery, progress: RunProgress | None = None) -> RunReport:
         """Segment this shard's scans (those done before with the same inputs are kept); the
-        report is rewritten after every scan so an interrupted run leaves an accurate one."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with _run_lock(self.out_dir, self.report_name):
-            return self._run(discovery, progress)
-
-    def _run(self, discovery: Discovery, progress: RunProgress | None) -> RunReport:
+        report is rewritten after every scan so an interrupted run leaves an accurate one.
+        Call it holding :func:`run_lock` (taken before the executor starts its workers)."""
         progress = progress or RunProgress()
         index, count = self.options.shard
         mine = discovery.scans[index::count]
@@ -202,8 +198,8 @@ class BatchRunner:
             disk_full = self.executor.segment(todo, finish, progress.slices_done)
         finally:  # interrupted or not, every finished record reaches the file
             with self._lock:
-                if unsaved:
-                    save()
+                report.seconds = round(time.perf_counter() - report.started, 3)
+                save()
         remove_stale_temporaries(self.out_dir, finals)  # of a worker killed while writing
         report.seconds = round(time.perf_counter() - report.started, 3)
         if disk_full:
@@ -319,7 +315,7 @@ class _ReportPace:
 
 
 @contextlib.contextmanager
-def _run_lock(out_dir: Path, report_name: str) -> Iterator[None]:
+def run_lock(out_dir: Path, report_name: str) -> Iterator[None]:
     """One run at a time per report in ``out_dir``: two runs of the same scans into one folder
     would overwrite each other's outputs and report. Shards have reports of their own. A lock
     left by a process that is gone (killed) is taken over."""
@@ -334,8 +330,7 @@ def _run_lock(out_dir: Path, report_name: str) -> Iterator[None]:
                 raise FileProblem(
                     out_dir,
                     f"another medseg run ({owner}) is writing {report_name} here",
-                    "wait for it to finish, use another output folder, or split one run with --shard I/N"
-                    f" (if no run is active there, remove {lock.name})",
+                    f"wait for it to finish or use another output folder (if no run is active, remove {lock.name})",
                 ) from None
             lock.unlink(missing_ok=True)  # its process is gone
     else:
