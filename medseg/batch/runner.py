@@ -61,15 +61,6 @@ class BatchOptions:
             raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
 
     @property
-    def needs_probabilities(self) -> bool:
-        return any(FORMATS[name].needs_probabilities for name in self.formats)
-
-    @property
-    def needs_voxels(self) -> bool:
-        """Whether a format shows the scan's voxels as read (else they are preprocessed in place)."""
-        return any(FORMATS[name].needs_voxels for name in self.formats)
-
-    @property
     def report_name(self) -> str:
         index, count = self.shard
         return "medseg-run.json" if count == 1 else f"medseg-run.part{index}of{count}.json"
