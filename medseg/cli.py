@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import warnings
@@ -30,6 +31,7 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -752,6 +754,16 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's cancel, ``docker stop``, ``timeout``) during a segment run:
+    handled as Ctrl-C is (scans in flight finished and recorded, the report flushed, the run
+    lock released), with exit status 143."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser([command] if (command := _command_in(argv)) else [])
@@ -761,14 +773,17 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose, getattr(args, "quiet", False))
     from medseg.errors import MedsegError
 
+    if args.command == "segment" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # scancel, docker stop, timeout: as Ctrl-C
     try:
         return COMMANDS[args.command](args)
     except (MedsegError, ValueError) as err:  # bad input, model or option: the message says which
         logger.error("error: %s", err)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        logger.error("interrupted: what finished is written and in the run report; run the same command to go on")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        logger.error("%s: what finished is written and in the run report; run the same command to go on", what)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
     except OSError as err:  # full disk, read-only or vanished folder: the user's to fix
         where = f" ({err.filename})" if err.filename else ""
         logger.error("error: %s%s: check free space and permissions of the output folder", err.strerror or err, where)

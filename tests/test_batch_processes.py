@@ -91,3 +91,26 @@ def test_torchrun_splits_scans_between_ranks(tmp_path, tiny_model_dir):
     parts = [_records(out, f"medseg-run.part{i}of2.json") for i in range(2)]
     assert sorted(len(p) for p in parts) == [2, 2]
     assert sorted(r["name"] for r in _records(out)) == [f"case_{i:02d}" for i in range(4)]
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigterm_is_handled_as_ctrl_c(tmp_path, tiny_model_dir, executor):
+    """scancel, docker stop and timeout send SIGTERM: the run ends as on Ctrl-C, exit 143."""
+    if executor == "ray":
+        pytest.importorskip("ray", reason="Ray is the optional extra medseg[ray]")
+    folder = _folder(tmp_path / "scans", 12)
+    out = tmp_path / "out"
+    command = _command(folder, out, tiny_model_dir, "--executor", executor)
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(_records(out)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM): what finished is written" in stderr and "SIGTERM received" not in stderr
+    report = json.loads((out / "medseg-run.json").read_text())
+    assert 2 <= len(report["scans"]) <= 12 and report["summary"]["seconds"] > 0
+    assert not (out / ".medseg-run.json.lock").exists()
+    for record in report["scans"]:  # every recorded scan is complete on disk
+        assert nib.load(record["outputs"]["nifti"]).shape == (40, 48, 24)

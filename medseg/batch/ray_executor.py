@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -226,6 +227,7 @@ class RayExecutor:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         elif address != "auto":
             _check_ray_answers(address, named)  # ray.init would retry a wrong address for many minutes
+        before = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -238,6 +240,8 @@ class RayExecutor:
                 else f"check {named}: the head node's HOST:PORT (6379 by default), or auto on a cluster node; "
                 "a cluster with token authentication also needs its token here (~/.ray/auth_token)",
             ) from err
+        if callable(before) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, before)  # ray.init replaces it with a crash report
         return True
 
     def _start_pool(
