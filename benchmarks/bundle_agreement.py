@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
 
+from medseg.evaluation.metrics import dice  # noqa: E402
 from medseg.export.bundle import export_bundle  # noqa: E402
 
 MANIFEST = ROOT / "data_manifests" / "hippocampus.json"
@@ -38,12 +39,6 @@ def _timed(args: list[str], cwd: Path) -> float:
     start = time.perf_counter()
     subprocess.run(args, cwd=cwd, check=True, capture_output=True)
     return time.perf_counter() - start
-
-
-def _dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
-    x, y = a == value, b == value
-    total = x.sum() + y.sum()
-    return 2.0 * (x & y).sum() / total if total else 1.0
 
 
 def main() -> None:
@@ -76,7 +71,7 @@ def main() -> None:
             ROOT,
         )  # fmt: skip
         identical, agree, voxels, worst_affine = 0, 0, 0, 0.0
-        dice = {"bundle": [], "medseg": []}
+        scores = {"bundle": [], "medseg": []}
         for name, label_path in sorted(labels.items()):
             a_img = nib.load(tmp / "bundle" / f"{name}_seg.nii.gz")
             b_img = nib.load(tmp / "medseg" / f"{name}.nii.gz")
@@ -85,12 +80,12 @@ def main() -> None:
             identical += int(np.array_equal(a, b))
             agree, voxels = agree + int((a == b).sum()), voxels + a.size
             worst_affine = max(worst_affine, float(np.abs(a_img.affine - b_img.affine).max()))
-            dice["bundle"].append([_dice(a, truth, v) for v in (1, 2)])
-            dice["medseg"].append([_dice(b, truth, v) for v in (1, 2)])
+            scores["bundle"].append([dice(a, truth, v) for v in (1, 2)])
+            scores["medseg"].append([dice(b, truth, v) for v in (1, 2)])
     print(f"{len(labels)} validation cases: {identical} identical masks; voxel agreement {agree / voxels:.6%}; "
           f"largest affine difference {worst_affine:g}")  # fmt: skip
     for who in ("bundle", "medseg"):
-        mean = np.mean(dice[who], axis=0)
+        mean = np.mean(scores[who], axis=0)
         print(f"  {who:7s} Dice anterior {mean[0]:.4f}, posterior {mean[1]:.4f}")
     print(f"  seconds (whole process): monai.bundle run {bundle_s:.1f}, medseg segment {medseg_s:.1f}")
 

@@ -26,14 +26,12 @@ import torch
 warnings.filterwarnings("ignore")
 
 from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
+from validation import validation_set  # noqa: E402
 
 import medseg  # noqa: E402
-from medseg.bundled import default_model_dir  # noqa: E402
-from medseg.data.manifest import load_manifest  # noqa: E402
 from medseg.evaluation.metrics import dice  # noqa: E402
 from medseg.export.networks import export_model  # noqa: E402
 from medseg.io import read_scan  # noqa: E402
-from medseg.model import load_spec  # noqa: E402
 
 
 def segment_all(images: list[Path], model: Path, out: Path) -> tuple[dict[str, np.ndarray], float]:
@@ -58,21 +56,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of segmentation (formats take turns)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    model = args.model or default_model_dir()
-    spec = load_spec(model)
-    values = [lab.value for lab in spec.labels if lab.value != 0]
-    names = {lab.value: lab.name for lab in spec.labels}
-    cases = load_manifest(args.manifest).cases(args.split)
-    images = [case.image for case in cases]
-    refs = {case.image.name: np.rint(np.asarray(read_scan(case.label).array[0])).astype(int) for case in cases}
+    data = validation_set(args.manifest, args.split, args.model)
+    model, values, names, images, refs = data.model, data.values, data.names, data.images, data.refs
 
     import onnxruntime
 
     print(cpu_line())  # every figure comes with the CPU that made it
-    members = f"ensemble of {len(spec.members)}" if spec.members else "one network"
     print(
-        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; {model} ({members}); "
-        f"{len(cases)} {args.split} cases of {args.manifest}"
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; {data.describe()} "
+        f"({args.split} of {args.manifest})"
     )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

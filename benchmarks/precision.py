@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
 
+from medseg.evaluation.metrics import dice  # noqa: E402
 from medseg.inference.options import InferenceOptions, cpu_has_native_bf16, resolve_precision  # noqa: E402
 from medseg.inference.predictor import make_predictor  # noqa: E402
 from medseg.inference.segment import segment_volume  # noqa: E402
@@ -38,12 +39,6 @@ from medseg.io.readers import read_file  # noqa: E402
 from medseg.model import load_model  # noqa: E402
 
 MANIFEST = ROOT / "data_manifests" / "hippocampus.json"
-
-
-def dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
-    x, y = a == value, b == value
-    total = x.sum() + y.sum()
-    return 2.0 * (x & y).sum() / total if total else 1.0
 
 
 def main() -> None:
