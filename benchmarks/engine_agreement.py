@@ -19,7 +19,6 @@ import importlib.util
 import logging
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -29,13 +28,11 @@ import torch
 warnings.filterwarnings("ignore")
 
 from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
-from validation import validation_set  # noqa: E402
+from validation import segment_labels, validation_set  # noqa: E402
 
-import medseg  # noqa: E402
 from medseg.evaluation.metrics import dice  # noqa: E402
 from medseg.inference.engines import load_engine  # noqa: E402
 from medseg.inference.options import cpu_has_native_bf16  # noqa: E402
-from medseg.io import read_scan  # noqa: E402
 from medseg.model import load_model  # noqa: E402
 
 AGREEMENT_BOUND = 99.9  # percent of voxels
@@ -51,18 +48,6 @@ def runs() -> list[tuple[str, str]]:
     if importlib.util.find_spec("onnxruntime"):
         pairs.append(("onnxruntime", "fp32"))
     return [*pairs, ("auto", "auto")]
-
-
-def segment_all(images: list[Path], model: Path, out: Path, engine: str, precision: str):
-    """Label maps by image name, and the seconds of one ``medseg.segment`` call over all images."""
-    start = time.perf_counter()
-    report = medseg.segment(images, out, model, formats="nifti", device="cpu", engine=engine, precision=precision)
-    seconds = time.perf_counter() - start
-    failed = [(r.name, r.error) for r in report.records if r.status != "ok"]
-    if failed:
-        raise SystemExit(f"segmentation failed with --engine {engine} --precision {precision}: {failed}")
-    labels = {Path(r.input).name: np.asarray(read_scan(r.outputs["nifti"]).array[0]) for r in report.records}
-    return labels, seconds
 
 
 def main() -> None:
@@ -89,12 +74,14 @@ def main() -> None:
         picked = load_engine(loaded.members[0] if loaded.members else loaded, torch.device("cpu"))
         print(f"--engine auto --precision auto runs {picked.name} {picked.precision} here")
         for engine, precision in pairs:  # conversions into the cache and warm-up, not timed
-            segment_all(images[:1], model, tmp / f"warm-{engine}-{precision}", engine, precision)
+            options = {"device": "cpu", "engine": engine, "precision": precision}
+            segment_labels(images[:1], model, tmp / f"warm-{engine}-{precision}", **options)
         labels, seconds = {}, dict.fromkeys(pairs, float("inf"))
         for round_ in range(args.repeats):
             for engine, precision in pairs:
                 out = tmp / f"seg-{engine}-{precision}-{round_}"
-                labels[engine, precision], took = segment_all(images, model, out, engine, precision)
+                options = {"device": "cpu", "engine": engine, "precision": precision}
+                labels[engine, precision], took = segment_labels(images, model, out, **options)
                 seconds[engine, precision] = min(seconds[engine, precision], took)
     reference = labels["torch", "fp32"]
     reference_dice = {v: np.mean([dice(reference[k], refs[k], v) for k in refs]) for v in values}

@@ -26,25 +26,10 @@ import torch
 warnings.filterwarnings("ignore")
 
 from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
-from validation import validation_set  # noqa: E402
+from validation import segment_labels, validation_set  # noqa: E402
 
-import medseg  # noqa: E402
 from medseg.evaluation.metrics import dice  # noqa: E402
 from medseg.export.networks import export_model  # noqa: E402
-from medseg.io import read_scan  # noqa: E402
-
-
-def segment_all(images: list[Path], model: Path, out: Path) -> tuple[dict[str, np.ndarray], float]:
-    """Label maps by image file name, and the seconds of one ``medseg.segment`` call over all
-    images (which loads the model, as a command would)."""
-    start = time.perf_counter()
-    report = medseg.segment(images, out, model, formats="nifti")
-    seconds = time.perf_counter() - start
-    failed = [(r.name, r.error) for r in report.records if r.status != "ok"]
-    if failed:
-        raise SystemExit(f"segmentation failed with {model}: {failed}")
-    labels = {Path(r.input).name: np.asarray(read_scan(r.outputs["nifti"]).array[0]) for r in report.records}
-    return labels, seconds
 
 
 def main() -> None:
@@ -74,13 +59,13 @@ def main() -> None:
             export_model(model, tmp / fmt, fmt)
             export_seconds[fmt] = time.perf_counter() - start
             folders[fmt] = tmp / fmt
-        segment_all(images[:1], model, tmp / "warm-up")  # imports and thread pools, not timed
+        segment_labels(images[:1], model, tmp / "warm-up")  # imports and thread pools, not timed
         # Formats take turns in each round, so a burst of load on a shared machine does not
         # fall on one format only; the best round counts.
         labels, seconds = {}, dict.fromkeys(folders, float("inf"))
         for round_ in range(args.repeats):
             for fmt, folder in folders.items():
-                labels[fmt], took = segment_all(images, folder, tmp / f"seg-{fmt}-{round_}")
+                labels[fmt], took = segment_labels(images, folder, tmp / f"seg-{fmt}-{round_}")
                 seconds[fmt] = min(seconds[fmt], took)
     reference = labels["pytorch"]
     rows = [(fmt, export_seconds[fmt], seconds[fmt], labels[fmt]) for fmt in folders]

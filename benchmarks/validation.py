@@ -3,11 +3,13 @@ a manifest split's images and their reference label maps."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+import medseg
 from medseg.bundled import default_model_dir
 from medseg.data.manifest import load_manifest
 from medseg.io import read_scan
@@ -46,3 +48,16 @@ def validation_set(manifest: Path, split: str, model: Path | None = None) -> Val
         images=[case.image for case in cases],
         refs={case.image.name: np.rint(np.asarray(read_scan(case.label).array[0])).astype(int) for case in cases},
     )
+
+
+def segment_labels(images: list[Path], model: Path, out: Path, **options) -> tuple[dict[str, np.ndarray], float]:
+    """Label maps by image file name, and the seconds of one ``medseg.segment`` call over all
+    ``images`` (which loads the model, as a command would); ``options`` go to the call."""
+    start = time.perf_counter()
+    report = medseg.segment(images, out, model, formats="nifti", **options)
+    seconds = time.perf_counter() - start
+    failed = [(r.name, r.error) for r in report.records if r.status != "ok"]
+    if failed:
+        raise SystemExit(f"segmentation failed with {model} {options}: {failed}")
+    labels = {Path(r.input).name: np.asarray(read_scan(r.outputs["nifti"]).array[0]) for r in report.records}
+    return labels, seconds

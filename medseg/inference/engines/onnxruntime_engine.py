@@ -17,7 +17,7 @@ import torch
 
 from medseg.errors import ConfigError, ModelError
 from medseg.inference.engines.cache import cached, entry_key, weights_hash
-from medseg.inference.engines.torch_engine import check_conversion, folded_copy
+from medseg.inference.engines.torch_engine import check_conversion, conversion_failed, folded_copy
 from medseg.model import Model
 from medseg.networks.onnx_runtime import EXTRA, OnnxNetwork
 
@@ -110,11 +110,7 @@ def _export(model: Model, path: Path) -> None:
     try:
         export_onnx(folded_copy(model.network), path, example, multiple)
     except Exception as err:  # the exporter raises many types; the message says what failed
-        raise ModelError(
-            model.folder,
-            f"could not be exported for onnxruntime ({type(err).__name__}: {str(err).strip()[:300]})",
-            "use --engine torch",
-        ) from err
+        raise conversion_failed(model, "onnxruntime", err) from err
     check_conversion(model, OnnxNetwork(path), "ONNX")
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from medseg.errors import ConfigError, ModelError
+from medseg.errors import ConfigError
 from medseg.inference.engines.cache import cached, entry_key, weights_hash
-from medseg.inference.engines.torch_engine import check_conversion, folded_copy
+from medseg.inference.engines.torch_engine import check_conversion, conversion_failed, folded_copy
 from medseg.model import Model
 
 logger = logging.getLogger(__name__)
@@ -149,11 +149,7 @@ def _convert(ov: ModuleType, model: Model) -> Any:
                 network, example_input=example, input=[ov.PartialShape([-1, channels, -1, -1])]
             )
     except Exception as err:  # the converter raises many types; the message says what failed
-        raise ModelError(
-            model.folder,
-            f"could not be converted for OpenVINO ({type(err).__name__}: {str(err).strip()[:300]})",
-            "use --engine torch",
-        ) from err
+        raise conversion_failed(model, "OpenVINO", err) from err
     compiled = _core().compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     check_conversion(model, lambda x: torch.from_numpy(compiled({0: x.numpy()})[0]), "OpenVINO")
     return converted

@@ -123,6 +123,16 @@ class TorchEngine:
             return self.network(x.contiguous(memory_format=torch.channels_last))
 
 
+def conversion_failed(model: Model, engine: str, err: Exception) -> ModelError:
+    """The error for a network ``engine``'s converter could not convert (converters raise many
+    types; the message says what failed)."""
+    return ModelError(
+        model.folder,
+        f"could not be converted for {engine} ({type(err).__name__}: {str(err).strip()[:300]})",
+        "use --engine torch",
+    )
+
+
 def check_conversion(model: Model, run: Callable[[torch.Tensor], torch.Tensor], engine: str) -> None:
     """ModelError unless ``run`` (the converted network) gives ``model``'s PyTorch logits
     within TOLERANCE on a random (3, C, 3m, 5m) input, m = 2**depth: a batch, height and width
