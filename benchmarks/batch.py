@@ -7,7 +7,10 @@ scans per second for each way and the ratios to the one-call run, then the per-s
 spent outside the network (reading, preprocessing and inference, writing each format) from
 the run report.
 
-    python benchmarks/batch.py [--scans 40] [--single-calls 8] [--ray-workers N] [--no-ray]
+    python benchmarks/batch.py [--scans 40] [--single-calls 8] [--ray-workers N] [--no-ray] [--device auto]
+
+``--device`` (default auto: the GPU when PyTorch sees one) is where both medseg and the
+recipe run the network.
 
 Single-scan calls are timed on a subset (``--single-calls``) and scaled, since each one
 pays the interpreter and model start-up this benchmark is about.
@@ -36,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
 
 from medseg.bundled import default_model_dir  # noqa: E402
+from medseg.inference.options import resolve_device  # noqa: E402
 from medseg.model import load_model, load_spec  # noqa: E402
 
 
@@ -53,7 +57,7 @@ def make_scans(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def monai_recipe(paths: list[Path], model_dir: Path, out_dir: Path) -> None:
+def monai_recipe(paths: list[Path], model_dir: Path, out_dir: Path, device: torch.device) -> None:
     """What a MONAI user writes: a Compose per file, SliceInferer, Invertd, SaveImaged."""
     from monai.inferers import SliceInferer
     from monai.transforms import (
@@ -69,7 +73,7 @@ def monai_recipe(paths: list[Path], model_dir: Path, out_dir: Path) -> None:
     )
 
     model = load_model(model_dir)
-    net = model.network.eval()
+    net = model.network.to(device).eval()
     pre = Compose(
         [
             LoadImaged("image"),
@@ -91,7 +95,7 @@ def monai_recipe(paths: list[Path], model_dir: Path, out_dir: Path) -> None:
     for path in paths:
         data = pre({"image": str(path)})
         with torch.no_grad():
-            data["pred"] = inferer(data["image"][None], net)[0]
+            data["pred"] = inferer(data["image"][None].to(device), net)[0].cpu()
         post(data)
 
 
@@ -101,6 +105,7 @@ def main() -> None:
     parser.add_argument("--single-calls", type=int, default=8)
     parser.add_argument("--ray-workers", type=int, default=None, help="--ray-workers of the Ray run")
     parser.add_argument("--no-ray", action="store_true", help="leave out the Ray executor")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:N]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     # One network on both sides: an ensemble's first plain 2D sagittal member (this measures
@@ -112,7 +117,8 @@ def main() -> None:
         if spec.slice_axis == "sagittal" and spec.context_slices == 0:
             model_dir = member
             break
-    medseg = [sys.executable, "-m", "medseg", "segment", "--quiet", "--model", str(model_dir)]
+    device = resolve_device(args.device)
+    medseg = [sys.executable, "-m", "medseg", "segment", "--quiet", "--model", str(model_dir), "--device", str(device)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_scans(tmp / "scans", args.scans)
@@ -149,13 +155,15 @@ def main() -> None:
             subprocess.run([*medseg, str(path), "-o", str(tmp / "single"), "--formats", "nifti"], check=True)
         seconds["medseg, one call per scan (nifti)"] = (time.perf_counter() - t) * len(paths) / len(subset)
         t = time.perf_counter()
-        monai_recipe(paths, model_dir, tmp / "monai")
+        monai_recipe(paths, model_dir, tmp / "monai", device)
         seconds["MONAI tutorial recipe, in-process loop"] = time.perf_counter() - t
         report = json.loads((tmp / "one-nifti,seg.nrrd" / "medseg-run.json").read_text())
 
     base = seconds["medseg, one call (nifti)"]
     print(cpu_line())  # every figure comes with the CPU that made it
-    print(f"{args.scans} volumes of 36x50x40, bundled model, {torch.get_num_threads()} threads")
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    print(f"{args.scans} volumes of 36x50x40, bundled model, {torch.get_num_threads()} threads, network on {device}")
     for name, s in seconds.items():
         print(f"{name:42s} {s:7.1f} s  {args.scans / s:6.2f} scans/s  time / one-call {s / base:5.2f}x")
     for name, s in run_seconds.items():

@@ -13,9 +13,14 @@ with a 256x256 window (the same sliding windows as the recipe).
 
 It also prints where medseg's time goes: seconds inside the network forward (the engine's
 calls) against the whole call, and the network's achieved FLOP/s against the machine's
-measured fp32 matrix-multiply peak.
+measured matrix-multiply peak in the precision medseg ran (fp32 on CPUs without native bf16).
 
-    python benchmarks/inference.py [--slices 64] [--base-channels 32] [--repeats 1] [--sliding]
+``--device`` (default auto: the GPU when PyTorch sees one) runs both on that device: the
+recipe as the tutorials move it there (network and input on the GPU, fp32), medseg with
+its defaults there (precision auto: bf16 autocast on GPUs that have it). Timings on a GPU
+synchronise at the end of each network call, so the forward share is real device time.
+
+    python benchmarks/inference.py [--slices 64] [--base-channels 32] [--repeats 1] [--sliding] [--device auto]
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ warnings.filterwarnings("ignore")
 from machine import cpu_line  # noqa: E402 (benchmarks/, beside this script)
 
 import medseg  # noqa: E402
+from medseg.inference.options import resolve_device  # noqa: E402
 from medseg.io.volume import Geometry  # noqa: E402
 from medseg.io.writers import write_nifti_labels  # noqa: E402
 from medseg.model import load_model, save_model  # noqa: E402
@@ -86,8 +92,9 @@ def train_briefly(image: np.ndarray, mask: np.ndarray, base: int, steps: int) ->
     return net.eval()
 
 
-def monai_recipe(scan: Path, weights: dict, base: int, out_dir: Path) -> Path:
-    """The MONAI-tutorial way: the whole chain as users write it."""
+def monai_recipe(scan: Path, weights: dict, base: int, out_dir: Path, device: torch.device) -> Path:
+    """The MONAI-tutorial way: the whole chain as users write it (network and input on
+    ``device``, the prediction back on the CPU for inversion and saving)."""
     from monai.inferers import SliceInferer
     from monai.transforms import (
         AsDiscreted,
@@ -102,7 +109,7 @@ def monai_recipe(scan: Path, weights: dict, base: int, out_dir: Path) -> Path:
 
     net = ArticleUNet(1, 2, base_channels=base)
     net.load_state_dict(weights)
-    net.eval()
+    net.to(device).eval()
     pre = Compose(
         [
             LoadImaged("image"),
@@ -129,7 +136,7 @@ def monai_recipe(scan: Path, weights: dict, base: int, out_dir: Path) -> Path:
     inferer = SliceInferer(roi_size=(256, 256), spatial_dim=2, sw_batch_size=4, overlap=0.25, mode="gaussian")
     data = pre({"image": str(scan)})
     with torch.no_grad():
-        data["pred"] = inferer(data["image"][None], net)[0]
+        data["pred"] = inferer(data["image"][None].to(device), net)[0].cpu()
     post(data)
     return out_dir / "scan_seg.nii.gz"
 
@@ -139,19 +146,31 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """The machine's measured matrix-multiply rate (FLOP/s) in ``dtype``: the best of
-    ``repeats`` n x n products, with the threads torch uses here."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(
+    dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5, device: torch.device | None = None
+) -> float:
+    """The machine's measured matrix-multiply rate (FLOP/s) in ``dtype`` on ``device`` (the
+    CPU by default): the best of ``repeats`` n x n products of random data, with the threads
+    torch uses here."""
+    device = device or torch.device("cpu")
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     torch.mm(a, b)
-    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
+    best = min(_seconds(lambda: torch.mm(a, b), device) for _ in range(repeats))
     return 2 * n**3 / best
 
 
-def _seconds(fn) -> float:
+def _seconds(fn, device: torch.device | None = None) -> float:
+    _synchronize(device)
     t = time.perf_counter()
     fn()
+    _synchronize(device)
     return time.perf_counter() - t
+
+
+def _synchronize(device: torch.device | None) -> None:
+    """Wait for ``device``'s queued work (GPU calls return before their kernels finish)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def network_flops(net: torch.nn.Module, size: tuple[int, int], in_channels: int = 1) -> int:
@@ -181,6 +200,7 @@ class EngineTimer:
 
     def __init__(self) -> None:
         self.seconds, self.pixels, self.calls, self.name, self.precision = 0.0, 0, 0, "", ""
+        self.device: torch.device | None = None
 
     def install(self) -> None:
         import medseg.inference.engines as engines
@@ -189,11 +209,13 @@ class EngineTimer:
 
         def timed_load(*args, **kwargs):
             engine = make(*args, **kwargs)
-            self.name, self.precision = engine.name, engine.precision
+            self.name, self.precision, self.device = engine.name, engine.precision, x_device(args, kwargs)
 
             def call(x):
+                _synchronize(x.device)
                 t = time.perf_counter()
                 out = engine(x)
+                _synchronize(x.device)
                 self.seconds += time.perf_counter() - t
                 self.pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
                 self.calls += 1
@@ -202,6 +224,11 @@ class EngineTimer:
             return TimedEngine(engine, call)
 
         engines.load_engine = timed_load
+
+
+def x_device(args: tuple, kwargs: dict) -> torch.device:
+    """The device argument of ``load_engine(model, device, ...)``."""
+    return kwargs["device"] if "device" in kwargs else args[1]
 
 
 class TimedEngine:
@@ -226,11 +253,15 @@ def main() -> None:
     parser.add_argument("--sliding", action="store_true", help="also medseg with the recipe's 256 window")
     parser.add_argument("--precision", default="auto", help="medseg's --precision (default: its default)")
     parser.add_argument("--engine", default="auto", help="medseg's --engine (default: its default)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu or cuda[:N]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("monai").setLevel(logging.ERROR)
 
+    device = resolve_device(args.device)
     print(cpu_line())  # every figure comes with the CPU that made it
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     shape = (512, 512, args.slices)
     geometry = Geometry(shape, (0.78125, 0.78125, 2.5), (-200.0, -180.0, -300.0), tuple(np.eye(3).ravel()))
     image, truth = ct_phantom(shape)
@@ -268,7 +299,14 @@ def main() -> None:
             model = load_model(tmp / folder)
             before = timer.seconds, timer.pixels
             report = medseg.segment(
-                scan, out, model, formats="nifti", overwrite=True, precision=args.precision, engine=args.engine
+                scan,
+                out,
+                model,
+                formats="nifti",
+                overwrite=True,
+                precision=args.precision,
+                engine=args.engine,
+                device=args.device,
             )
             forward[folder] = (timer.seconds - before[0], timer.pixels - before[1])
             return Path(report.records[0].outputs["nifti"])
@@ -277,7 +315,7 @@ def main() -> None:
         runs = {"medseg defaults (512 window)": lambda: run_medseg("model512")}
         if args.sliding:
             runs["medseg (256 window, sliding)"] = lambda: run_medseg("model256")
-        runs[recipe] = lambda: monai_recipe(scan, weights, args.base_channels, tmp / "monai")
+        runs[recipe] = lambda: monai_recipe(scan, weights, args.base_channels, tmp / "monai", device)
         seconds: dict[str, float] = {}
         outputs: dict[str, np.ndarray] = {}
         in_forward: dict[str, tuple[float, int]] = {}
@@ -294,7 +332,7 @@ def main() -> None:
 
     print(
         f"\n512x512x{args.slices} CT-like volume (int16 NIfTI), ArticleUNet base {args.base_channels}, "
-        f"{torch.get_num_threads()} threads, best of {args.repeats}; medseg engine {timer.name}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}; on {device}; medseg engine {timer.name}, "
         f"precision {timer.precision}"
     )
     for name, s in seconds.items():
@@ -305,14 +343,16 @@ def main() -> None:
             f"vs truth {dice(outputs[name], truth):.4f}"
         )
     per_pixel = network_flops(ArticleUNet(1, 2, base_channels=args.base_channels), (512, 512)) / 512**2
-    peak = matmul_peak()
-    print(f"\nfp32 matrix-multiply peak measured here: {peak / 1e9:.1f} GFLOP/s (2048x2048 torch.mm)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(timer.precision, torch.float32)
+    n = 8192 if device.type == "cuda" else 2048
+    peak = matmul_peak(dtype, n, device=device)
+    print(f"\n{timer.precision} matrix-multiply peak measured here: {peak / 1e9:.1f} GFLOP/s ({n}x{n} mm on {device})")
     for name, (secs, pixels) in in_forward.items():
         achieved = per_pixel * pixels / secs
         print(
             f"{name}: network forward {secs:.2f} s of {seconds[name]:.2f} s wall ({secs / seconds[name]:.0%}); "
             f"{pixels / (512 * 512 * args.slices):.2f}x the volume's pixels sent; "
-            f"{achieved / 1e9:.1f} GFLOP/s achieved ({achieved / peak:.0%} of the fp32 matmul peak)"
+            f"{achieved / 1e9:.1f} GFLOP/s achieved ({achieved / peak:.0%} of the {timer.precision} matmul peak)"
         )
 
 

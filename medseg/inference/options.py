@@ -59,14 +59,27 @@ class InferenceOptions:
 
 
 def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available else cpu; "cuda" without a GPU raises a clear error."""
+    """The device ``name`` stands for, with its index: "auto" -> the current CUDA GPU when
+    there is one, else the CPU; "cuda" -> the current GPU ("cuda:0" on most machines), so
+    reports say which GPU ran. A GPU that is not there raises ValueError saying what is."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    count = torch.cuda.device_count()
+    device = torch.device(name)
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.index >= count:
+        raise ValueError(
+            f"--device {name} was asked for but PyTorch sees {count} GPU(s), cuda:0 to cuda:{count - 1}; "
+            "use one of those (CUDA_VISIBLE_DEVICES changes which are seen)"
+        )
+    return device
 
 
 def cpu_has_native_bf16() -> bool:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from medseg.inference.options import DEFAULT_INFERENCE, InferenceOptions, Progress, resolve_device
@@ -31,6 +32,26 @@ _AUTO_BATCH_PIXELS = {"cpu": 512 * 512, "cuda": 16 * 512 * 512}
 def auto_batch_size(device: torch.device, slice_pixels: int) -> int:
     budget = _AUTO_BATCH_PIXELS.get(device.type, _AUTO_BATCH_PIXELS["cpu"])
     return int(min(256, max(1, budget // max(1, slice_pixels))))
+
+
+def argmax_labels(scores: torch.Tensor, values: Sequence[int], dim: int = 1) -> torch.Tensor:
+    """The label value of the highest-scoring class at each position, ``values[argmax]``:
+    ``scores`` with the classes along ``dim`` -> uint8 labels without that axis, on the same
+    device. The first class wins ties, as with ``torch.argmax``.
+
+    A running maximum over the classes rather than ``torch.argmax``: an argmax along the class
+    axis of (N, classes, H, W) scores strides across memory and took 21.7 ms per 2-class
+    512x512 slice against 1.0 ms for this (1.3 s of a 2.8 s run over 64 slices, 2-core EPYC),
+    and 0.65 s for an int16 (3, 256, 256, 64) ensemble sum. It also writes the label values
+    directly, with no int64 index volume to look them up from.
+    """
+    best = scores.select(dim, 0)
+    labels = torch.full(best.shape, values[0], dtype=torch.uint8, device=scores.device)
+    for c in range(1, scores.shape[dim]):
+        candidate = scores.select(dim, c)
+        labels.masked_fill_(candidate > best, values[c])
+        best = torch.maximum(best, candidate)
+    return labels
 
 
 def _moved_shape(spatial: tuple[int, ...], axis: int) -> tuple[int, ...]:
@@ -65,7 +86,7 @@ class SlicePredictor:
         self.options = options
         self.device = resolve_device(options.device)
         self.engine = load_engine(model, self.device, options.precision, options.engine)
-        self.lut = torch.tensor(model.spec.label_values, dtype=torch.uint8)
+        self.values = tuple(model.spec.label_values)  # label value of each class channel
         # Scores outside a crop: the background class wins the argmax and takes all the
         # softmax. Without a label 0 there is no background to fill with, so no crop.
         values = list(model.spec.label_values)
@@ -87,12 +108,12 @@ class SlicePredictor:
         axis = slice_axis_index(self.model.spec.slice_axis, image.affine)
         labels = torch.empty(_moved_shape(image.shape[1:], axis), dtype=torch.uint8)
         for indices, scores in self._scores(image, progress):
-            labels[indices.start : indices.stop] = self.lut[scores.argmax(dim=1).cpu()]
+            labels[indices.start : indices.stop] = argmax_labels(scores, self.values).cpu()
         return torch.movedim(labels, 0, axis)
 
     def predict_probabilities(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
         """Class probabilities (classes, X, Y, Z) float32 for ``image`` (C, X, Y, Z)."""
-        total = torch.zeros((len(self.lut), *image.shape[1:]), dtype=torch.float32)
+        total = torch.zeros((len(self.values), *image.shape[1:]), dtype=torch.float32)
         self.add_probabilities(image, total, progress)
         return total
 
@@ -153,10 +174,13 @@ class SlicePredictor:
         logger.debug("slice axis %d, %d slices %s -> %s, %s", axis, n_slices, grid.native, grid.resized, region)
         if progress is not None:
             progress(0, n_slices)
+        # Plain tensors through the network: a MetaTensor sends every op of every layer
+        # through MONAI's __torch_function__ (metadata a slice batch does not need).
+        voxels = image.as_tensor() if isinstance(image, MetaTensor) else image
         with torch.inference_mode():
             for start in range(0, n_slices, step):
                 indices = range(start, min(start + step, n_slices))
-                batch = slice_stack(image, axis, indices, spec.context_slices)
+                batch = slice_stack(voxels, axis, indices, spec.context_slices)
                 batch = grid.forward(batch.to(self.device, torch.float32), "bilinear")
                 scores = self._logits(batch, region, pad_value)
                 if not grid.identity or probabilities:
@@ -210,7 +234,7 @@ class EnsemblePredictor:
     def __init__(self, model: Model, options: InferenceOptions = DEFAULT_INFERENCE) -> None:
         self.model = model
         self.members = [SlicePredictor(m, options) for m in model.members]
-        self.lut = torch.tensor(model.spec.label_values, dtype=torch.uint8)
+        self.values = tuple(model.spec.label_values)
         self.scale = self.ACCUMULATOR_MAX // max(1, len(self.members))
 
     @classmethod
@@ -219,7 +243,7 @@ class EnsemblePredictor:
         it sums exactly as ``medseg segment`` does; ``label_values`` in channel order."""
         ensemble = cls.__new__(cls)
         ensemble.model, ensemble.members = None, list(members)
-        ensemble.lut = torch.tensor(label_values, dtype=torch.uint8)
+        ensemble.values = tuple(label_values)
         ensemble.scale = cls.ACCUMULATOR_MAX // max(1, len(members))
         return ensemble
 
@@ -229,7 +253,7 @@ class EnsemblePredictor:
         labels = torch.empty(total.shape[1:], dtype=torch.uint8)
         step = max(1, self.ARGMAX_VOXELS // max(1, total[0, :, :, 0].numel()))
         for k in range(0, total.shape[-1], step):
-            labels[..., k : k + step] = self.lut[total[..., k : k + step].argmax(dim=0)]
+            labels[..., k : k + step] = argmax_labels(total[..., k : k + step], self.values, dim=0)
         return labels
 
     def predict_probabilities(self, image: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
@@ -243,7 +267,7 @@ class EnsemblePredictor:
 
     def _sum(self, image: torch.Tensor, progress: Progress | None) -> torch.Tensor:
         """The members' probabilities summed in fixed point: (classes, X, Y, Z) int16."""
-        total = torch.zeros((len(self.lut), *image.shape[1:]), dtype=torch.int16)
+        total = torch.zeros((len(self.values), *image.shape[1:]), dtype=torch.int16)
         counts = [member.slice_count(image) for member in self.members]
         all_slices, before = sum(counts), [sum(counts[:i]) for i in range(len(counts))]
         for i, member in enumerate(self.members):

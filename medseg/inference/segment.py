@@ -26,7 +26,7 @@ from monai.transforms import Compose
 from medseg.errors import ScanError
 from medseg.inference.options import Progress
 from medseg.inference.postprocess import postprocess
-from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
+from medseg.inference.predictor import EnsemblePredictor, SlicePredictor, argmax_labels
 from medseg.io.monai_reader import volume_to_metatensor
 from medseg.io.volume import Geometry, Volume
 from medseg.spec import ModelSpec
@@ -130,7 +130,7 @@ def predict_labels_and_probabilities(
     spec = predictor.model.spec
     probs = predictor.predict_probabilities(prepared.image, progress)
     prepared.drop_voxels()
-    labels = postprocess(predictor.lut[probs.argmax(dim=0)], spec.postprocess, spec.label_values[1:])
+    labels = postprocess(argmax_labels(probs, predictor.values, dim=0), spec.postprocess, spec.label_values[1:])
     return _restored(prepared, labels), _restored(prepared, probs)
 
 

@@ -161,7 +161,7 @@ def _train(
                 opt.module.to(memory_format=torch.channels_last)
                 row.update({f"dice_{k}": round(v, 4) for k, v in scores.items()})
                 if state.record(epoch + 1, scores):
-                    _save_model_folder(run_dir / MODEL_DIR, spec, opt.module, config, manifest, state, elapsed())
+                    _save_model_folder(run_dir / MODEL_DIR, spec, opt, config, manifest, state, elapsed())
             state.history.append(row)
             log_epoch(state.history, run_dir, writer)
         seconds = elapsed()
@@ -367,7 +367,7 @@ def _saved_config(path: Path) -> dict[str, Any]:
 def _save_model_folder(
     folder: Path,
     spec: ModelSpec,
-    module: nn.Module,
+    opt: Optimisation,
     config: TrainConfig,
     manifest: Manifest,
     state: TrainingState,
@@ -383,11 +383,13 @@ def _save_model_folder(
         "epoch": state.best_epoch,
         "validation_dice": state.best_dice,
         "training_minutes": round(elapsed_seconds / 60, 1),
-        "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()} threads"
-        if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(),
+        # What this training ran on: the device it used, not merely one the machine has.
+        "hardware": torch.cuda.get_device_name(opt.device)
+        if opt.device.type == "cuda"
+        else f"{platform.machine()} CPU x{torch.get_num_threads()} threads",
+        "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[opt.amp],
         "torch": torch.__version__,
         "config": config.to_dict(),
         **({"training_data": spec.provenance["training_data"]} if "training_data" in spec.provenance else {}),
     }
-    save_model(folder, replace(spec, provenance=provenance), module)
+    save_model(folder, replace(spec, provenance=provenance), opt.module)

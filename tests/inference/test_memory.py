@@ -209,7 +209,7 @@ def test_ensemble_sums_in_a_compact_accumulator_with_the_labels_of_a_float32_sum
     total = torch.zeros((3, *SHAPE), dtype=torch.float32)  # the float32 sum this replaces
     for member in predictor.members:
         member.add_probabilities(image, total)
-    exact = predictor.lut[(total / len(members)).argmax(dim=0)]
+    exact = torch.tensor(predictor.values, dtype=torch.uint8)[(total / len(members)).argmax(dim=0)]
 
     assert predictor._sum(image, None).dtype == torch.int16
     torch.testing.assert_close(predictor.predict_probabilities(image), total / len(members), atol=1e-4, rtol=0)

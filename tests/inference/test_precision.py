@@ -10,7 +10,7 @@ from helpers import make_geometry, phantom, threshold_model, write_nifti
 
 import medseg
 import medseg.inference.options as options
-from medseg.inference.options import DEFAULT_INFERENCE, InferenceOptions, resolve_precision
+from medseg.inference.options import DEFAULT_INFERENCE, InferenceOptions, resolve_device, resolve_precision
 from medseg.training.config import TrainConfig
 from medseg.training.optimisation import autocast_dtype
 
@@ -33,6 +33,25 @@ def test_auto_on_cpus_takes_bf16_only_where_it_is_native(monkeypatch, native, ex
 def test_auto_on_gpus_takes_autocast(monkeypatch, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert resolve_precision("auto", CUDA) == expected
+
+
+@pytest.mark.parametrize(("asked", "expected"), [("auto", "cuda:1"), ("cuda", "cuda:1"), ("cuda:0", "cuda:0")])
+def test_devices_resolve_to_an_indexed_gpu(monkeypatch, asked, expected):
+    """Reports say which GPU ran: "cuda" and "auto" are the current GPU, with its index."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert str(resolve_device(asked)) == expected
+
+
+def test_a_gpu_that_is_not_there_is_refused_by_name(monkeypatch):
+    with pytest.raises(ValueError, match="sees no CUDA GPU; use --device cpu"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--device cuda:3 was asked for but PyTorch sees 1 GPU\(s\), cuda:0 to"):
+        resolve_device("cuda:3")
+    assert str(resolve_device("cpu")) == "cpu"
 
 
 @pytest.mark.parametrize("asked", ["fp32", "bf16", "fp16"])

@@ -13,7 +13,7 @@ import torch
 from helpers import ThresholdNet, threshold_labels, threshold_model
 
 from medseg.inference.options import InferenceOptions
-from medseg.inference.predictor import SlicePredictor
+from medseg.inference.predictor import SlicePredictor, argmax_labels
 from medseg.inference.regions import SliceRegion, content_box, cut_region, paste_region, plan_region
 from medseg.inference.segment import segment_volume
 from medseg.io.volume import Geometry, Volume
@@ -118,3 +118,19 @@ def test_uniform_volume_runs_whole():
 def test_plan_region(size, box, expected):
     region = plan_region(size, box, multiple=16, window=(512, 512), trained_window=None)
     assert region == SliceRegion(*expected, whole=True)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16])
+def test_argmax_labels_is_the_argmax_with_its_ties(dim, dtype):
+    """Label values of torch.argmax, first class on ties (small integers make many ties),
+    along any axis, in the dtypes scores come in."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (3, 4, 5, 6), generator=generator).to(dtype)
+    values = (0, 7, 2, 255, 9, 1)[: scores.shape[dim]]
+    expected = torch.tensor(values, dtype=torch.uint8)[scores.float().argmax(dim=dim)]
+    got = argmax_labels(scores, values, dim=dim)
+    assert got.dtype == torch.uint8 and torch.equal(got, expected)
+    # A channels-last (N, classes, H, W) batch, as engines return.
+    if dim == 1:
+        assert torch.equal(argmax_labels(scores.contiguous(memory_format=torch.channels_last), values), expected)

@@ -50,6 +50,7 @@ def test_training_writes_a_model_folder_segment_takes(manifest, tmp_path):
     model = load_model(result.model_dir)
     assert [lab.name for lab in model.spec.labels] == ["background", "left", "right"]
     assert model.spec.provenance["trained"] is True and model.spec.slice_axis == "sagittal"
+    assert model.spec.provenance["precision"] == "fp32" and "CPU" in model.spec.provenance["hardware"]
     domain = model.spec.provenance["training_data"]  # what runs compare new scans with
     shape = sorted(nib.load(str(manifest.parent / "Task99" / "imagesTr" / "case_000.nii.gz")).shape)
     assert domain["cases"] == 3
