@@ -19,6 +19,7 @@ from medseg.inference.options import DEFAULT_INFERENCE, InferenceOptions, Progre
 from medseg.inference.regions import SliceRegion, content_box, cut_region, paste_region, plan_region, scale_box
 from medseg.model import Model
 from medseg.transforms.grid import InPlaneResampling, in_plane_axes, slice_axis_index, spacing_from_affine
+from medseg.transforms.intensity import apply_pending_, pending_preset
 from medseg.transforms.slices import slice_stack
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def auto_batch_size(device: torch.device, slice_pixels: int) -> int:
 def argmax_labels(scores: torch.Tensor, values: Sequence[int], dim: int = 1) -> torch.Tensor:
     """The label value of the highest-scoring class at each position, ``values[argmax]``:
     ``scores`` with the classes along ``dim`` -> uint8 labels without that axis, on the same
-    device. The first class wins ties, as with ``torch.argmax``.
+    device. The first class wins ties, and a NaN score wins (the first NaN), as with
+    ``torch.argmax``.
 
     A running maximum over the classes rather than ``torch.argmax``: an argmax along the class
     axis of (N, classes, H, W) scores strides across memory and took 21.7 ms per 2-class
@@ -49,8 +51,11 @@ def argmax_labels(scores: torch.Tensor, values: Sequence[int], dim: int = 1) -> 
     labels = torch.full(best.shape, values[0], dtype=torch.uint8, device=scores.device)
     for c in range(1, scores.shape[dim]):
         candidate = scores.select(dim, c)
-        labels.masked_fill_(candidate > best, values[c])
-        best = torch.maximum(best, candidate)
+        better = candidate > best
+        if candidate.is_floating_point():  # NaN is the largest, as torch.argmax has it
+            better |= candidate.isnan() & ~best.isnan()
+        labels.masked_fill_(better, values[c])
+        best = torch.where(better, candidate, best)
     return labels
 
 
@@ -137,14 +142,18 @@ class SlicePredictor:
     def region(self, image: torch.Tensor, pad_value: float) -> tuple[InPlaneResampling, SliceRegion]:
         """The in-plane resampling of ``image``'s (C, X, Y, Z) slices and the region of the
         resampled slice the network is given (the same for every slice of the volume);
-        ``pad_value`` is the volume's minimum (padding, and what is not content)."""
+        ``pad_value`` is the network input's minimum (padding, and what is not content)."""
         spec = self.model.spec
         axis = slice_axis_index(spec.slice_axis, image.affine)
         plane = in_plane_axes(axis)
         spacing = spacing_from_affine(image.affine)
         native = (int(image.shape[1 + plane[0]]), int(image.shape[1 + plane[1]]))
         grid = InPlaneResampling.to_spacing(native, (spacing[plane[0]], spacing[plane[1]]), spec.spacing)
-        box = None if self._background is None else content_box(image, axis, pad_value)
+        box = None
+        if self._background is not None:
+            preset = pending_preset(image)
+            mapped = None if preset is None else lambda slab: apply_pending_(slab.to(torch.float32, copy=True), preset)
+            box = content_box(image, axis, pad_value, mapped)
         region = plan_region(
             grid.resized,
             None if box is None else scale_box(box, native, grid.resized),
@@ -166,7 +175,9 @@ class SlicePredictor:
         """
         spec = self.model.spec
         axis = slice_axis_index(spec.slice_axis, image.affine)
-        pad_value = float(image.min())
+        preset = pending_preset(image)  # a CT window still to apply to each batch, or None
+        # The input's minimum: the preset is monotone, so it maps the voxels' minimum there.
+        pad_value = float(apply_pending_(image.as_tensor().min().float().reshape(1), preset))
         grid, region = self.region(image, pad_value)
         n_slices = int(image.shape[1 + axis])
         pixels = math.prod(region.size) if region.whole else math.prod(spec.window)
@@ -181,6 +192,10 @@ class SlicePredictor:
             for start in range(0, n_slices, step):
                 indices = range(start, min(start + step, n_slices))
                 batch = slice_stack(voxels, axis, indices, spec.context_slices)
+                if preset is not None:
+                    # On the CPU, where a whole-volume window would have run: CUDA divides
+                    # by a scalar as a multiplication by its reciprocal (1 ulp apart).
+                    batch = apply_pending_(batch.to(torch.float32), preset)
                 batch = grid.forward(batch.to(self.device, torch.float32), "bilinear")
                 scores = self._logits(batch, region, pad_value)
                 if not grid.identity or probabilities:

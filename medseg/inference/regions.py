@@ -18,6 +18,7 @@ CT slice whose body spans 440x310 pixels runs as 480x352 (two thirds of the pixe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,17 +58,25 @@ class SliceRegion:
         return self.rows[0] <= 0 and self.cols[0] <= 0 and self.rows[1] >= size[0] and self.cols[1] >= size[1]
 
 
-def content_box(image: torch.Tensor, axis: int, background: float) -> tuple[Span, Span] | None:
+def content_box(
+    image: torch.Tensor,
+    axis: int,
+    background: float,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[Span, Span] | None:
     """Rows and columns of the slices along voxel ``axis`` of ``image`` (C, X, Y, Z) where
     any slice and channel holds a voxel above ``background``; None when none does.
 
+    ``transform`` maps each slab of voxels first (a copy: a pending intensity preset).
     Rows and columns are the two other voxel axes in increasing order (``slice_stack``'s H, W).
     """
-    volume = torch.as_tensor(image)
+    volume = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
     n = int(volume.shape[1 + axis])
     plane: torch.Tensor | None = None
     for start in range(0, n, _CHUNK):
         slab = volume.narrow(1 + axis, start, min(_CHUNK, n - start))
+        if transform is not None:
+            slab = transform(slab)
         hit = (slab > background).any(dim=0).any(dim=axis)  # (H, W)
         plane = hit if plane is None else plane | hit
     if plane is None:

@@ -6,9 +6,10 @@ resume and the run report): ``segment_volume(volume, predictor)`` returns the la
 different threads: :func:`prepare` (orientation, intensity; in the reader thread) and
 :func:`predict_labels` (the network, then back to the original grid).
 
-Memory: preprocessing works in place on one float32 volume, the predictor holds a uint8
-label map, and the network's input is freed before the labels are restored, so a scan costs
-about 1.25x its float32 size (``benchmarks/memory.py``).
+Memory: preprocessing works in place on one volume (a CT's stored int16, windowed slice
+batch by slice batch; else float32), the predictor holds a uint8 label map, and the
+network's input is freed before the labels are restored, so a CT costs about 0.75x its
+float32 size (``benchmarks/memory.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from medseg.inference.options import Progress
 from medseg.inference.postprocess import postprocess
 from medseg.inference.predictor import EnsemblePredictor, SlicePredictor, argmax_labels
 from medseg.io.monai_reader import volume_to_metatensor
+from medseg.io.readers import COMPACT_TYPES
 from medseg.io.volume import Geometry, Volume
 from medseg.spec import ModelSpec
 from medseg.transforms import build_transforms
+from medseg.transforms.intensity import defer_preset, per_voxel
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +67,9 @@ def _check_channels(volume: Volume, wanted: int) -> None:
 
 @dataclass
 class PreparedScan:
-    """A scan ready for the network: ``image`` (C, X', Y', Z') float32 MetaTensor in RAS
-    orientation with the intensity preset applied, made by ``transforms``, whose inverse
+    """A scan ready for the network: ``image`` (C, X', Y', Z') MetaTensor in RAS orientation
+    with the intensity preset applied (float32), or pending for each slice batch (integers,
+    ``medseg.transforms.intensity.pending_preset``), made by ``transforms``, whose inverse
     (the operations ``image`` recorded) puts results back on ``geometry``'s grid."""
 
     image: MetaTensor
@@ -85,17 +89,25 @@ class PreparedScan:
 def prepare(volume: Volume, spec: ModelSpec, inplace: bool = False) -> PreparedScan:
     """``volume`` preprocessed for a model with ``spec``: orientation and intensity preset.
 
-    The transforms work in place on one float32 array (``build_transforms(...,
-    inplace=True)``), so preprocessing holds one volume, never two. ``inplace`` uses
-    ``volume.array`` itself, which then holds the network input, no longer the scan as read:
-    for callers that own ``volume`` and need only its geometry after this (the batch
-    runner). Otherwise a copy of the voxels is preprocessed and ``volume`` is left as it was.
+    The transforms work in place on one array (``build_transforms(..., inplace=True)``), so
+    preprocessing holds one volume, never two. ``inplace`` uses ``volume.array`` itself, which
+    then holds the network input, no longer the scan as read: for callers that own ``volume``
+    and need only its geometry after this (the batch runner). Otherwise a copy of the voxels
+    is preprocessed and ``volume`` is left as it was.
+
+    Integer voxels (a CT read as its stored int16, ``read_file(..., integers=True)``) under a
+    per-voxel preset (a CT window) stay integers: the preset is recorded as pending on the
+    image and applied to each slice batch as it is sent (``medseg.transforms.intensity``),
+    so the volume costs 2 bytes a voxel instead of 4 and the network input is the same.
     """
     _check_channels(volume, spec.image_channels)
-    transforms = build_transforms(spec, load=False, resample=False, inplace=True)
+    deferred = volume.array.dtype in COMPACT_TYPES and per_voxel(spec.preset)
+    transforms = build_transforms(spec, load=False, resample=False, inplace=True, intensity=not deferred)
     if not inplace:
         volume = dataclasses.replace(volume, array=volume.array.copy())
     image = transforms({"image": volume_to_metatensor(volume)})["image"]
+    if deferred:
+        defer_preset(image, spec.preset)
     return PreparedScan(image, transforms, volume.geometry, volume.source)
 
 

@@ -340,15 +340,17 @@ def header_info(scan: ScanSource) -> tuple[tuple[int, ...], tuple[float, ...]]:
         return (), ()
 
 
-def read_source(scan: ScanSource, max_voxels: int | None = None) -> Volume:
+def read_source(scan: ScanSource, max_voxels: int | None = None, integers: bool = False) -> Volume:
     """The Volume of a discovered scan (a DICOM series is read from its known slices).
 
     ``max_voxels`` (default ``medseg.io.readers.MAX_VOXELS``) bounds the size a header may
-    declare; larger scans are refused before their voxels are read. Raises ScanError.
+    declare; larger scans are refused before their voxels are read. ``integers`` keeps a
+    file's stored int8/uint8/int16 voxels in their type (``read_file``; DICOM series are
+    float32 always, their rescale making other values). Raises ScanError.
     """
     if scan.series is not None:
         return checked(dicom.read_series(scan.series, max_voxels))
-    return read_file(scan.path, max_voxels)
+    return read_file(scan.path, max_voxels, integers)
 
 
 def single_scan(source: Path, series_uid: str | None = None) -> ScanSource:

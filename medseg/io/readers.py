@@ -1,6 +1,8 @@
 """Read one NIfTI, NRRD or MHA/MHD file into a Volume (DICOM series: ``medseg.io.dicom``).
 
-Readers return arrays (C, X, Y, Z) float32 with LPS geometry and refuse, with a ScanError
+Readers return arrays (C, X, Y, Z) float32 (or, asked with ``integers=True``, the file's own
+int8/uint8/int16 where no scaling applies: a CT's Hounsfield units in half the memory, the
+same values) with LPS geometry and refuse, with a ScanError
 naming the file, anything that is not a 3D scan with finite intensities on an orthogonal
 grid. Headers are checked before any voxel is read: a few bytes of header can declare
 gigabytes of voxels, so the declared size is held against :data:`MAX_VOXELS` and, for
@@ -42,6 +44,10 @@ _MAX_DATA_FILES = 100_000
 # Voxels are converted to float32 this many bytes at a time (a few dozen 512x512 slices), so
 # reading never holds the file's type and float32 for the whole volume at once.
 _SLAB_BYTES = 32 * 2**20
+#: Stored types ``integers=True`` keeps (in native byte order): every value exact in float32,
+#: at most 2 bytes a voxel.
+COMPACT_TYPES = (np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16))
+_FLOAT32 = np.dtype(np.float32)
 
 
 def scan_suffix(path: Path) -> str | None:
@@ -56,12 +62,13 @@ def scan_name(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix and path.is_file() else path.name
 
 
-def read_file(path: Path, max_voxels: int | None = None) -> Volume:
+def read_file(path: Path, max_voxels: int | None = None, integers: bool = False) -> Volume:
     """Read the NIfTI/NRRD/MHA file at ``path`` (chosen by suffix) into a checked Volume.
 
     Scans are opened through ``medseg.io.read_scan`` (discovery decides what a path holds,
     DICOM included); this is the file-format step underneath it. ``max_voxels`` (default
-    :data:`MAX_VOXELS`) bounds the voxels a header may declare.
+    :data:`MAX_VOXELS`) bounds the voxels a header may declare. ``integers`` keeps voxels
+    stored as int8, uint8 or int16 without scaling in that type (else float32).
     Raises ScanError naming the file, what is wrong and what to do.
     """
     suffix = scan_suffix(path)
@@ -71,7 +78,8 @@ def read_file(path: Path, max_voxels: int | None = None) -> Volume:
     if path.stat().st_size == 0:
         raise ScanError(path, "is empty (0 bytes)", "the copy or download did not finish")
     limit = MAX_VOXELS if max_voxels is None else max_voxels
-    volume = _read_nifti(path, limit) if suffix in NIFTI_SUFFIXES else _read_itk(path, limit)
+    read = _read_nifti if suffix in NIFTI_SUFFIXES else _read_itk
+    volume = read(path, limit, integers)
     return checked(volume)
 
 
@@ -130,7 +138,7 @@ def _check_gzip_length(path: Path, declared: int) -> None:
     _check_bytes(path, declared, present, "its compressed stream holds")
 
 
-def _read_nifti(path: Path, limit: int) -> Volume:
+def _read_nifti(path: Path, limit: int, integers: bool = False) -> Volume:
     import nibabel as nib
 
     try:
@@ -161,7 +169,11 @@ def _read_nifti(path: Path, limit: int) -> Volume:
             # Complex voxels are read as they are (a cast to float32 would drop the imaginary part).
             array, notes = _real_valued(_channels_first(np.asarray(proxy)))
         else:
-            array, notes = _read_slabs(proxy, shape), ()
+            # Scaling (scl_slope/inter) makes values of another type: then float32.
+            unscaled = float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0
+            native = dtype.newbyteorder("=")  # a big-endian file's int16 is int16 too
+            keep = integers and native in COMPACT_TYPES and unscaled
+            array, notes = _read_slabs(proxy, shape, native if keep else _FLOAT32), ()
     except Exception as err:  # truncated gzip streams, CRC errors, short reads...
         raise _unreadable_nifti(path, err) from err
     notes += _xform_notes(path, img)
@@ -182,15 +194,15 @@ def _slab_slices(shape: tuple[int, ...], itemsize: int = 4) -> int:
     return max(1, _SLAB_BYTES // max(1, per_slice))
 
 
-def _read_slabs(proxy, shape: tuple[int, ...]) -> np.ndarray:
-    """A NIfTI's voxels (C, X, Y, Z) C-contiguous float32, filled slab by slab from ``proxy``.
+def _read_slabs(proxy, shape: tuple[int, ...], dtype: np.dtype = _FLOAT32) -> np.ndarray:
+    """A NIfTI's voxels (C, X, Y, Z) C-contiguous ``dtype``, filled slab by slab from ``proxy``.
 
-    Equal to ``np.asarray(proxy, dtype=np.float32)`` put channel first (scaling included;
-    tests hold them equal), without ever holding the stored type (int16 for CT) and the
-    float32 array whole at once, nor a second float32 copy for the channel-first order.
+    Equal to ``np.asarray(proxy, dtype=dtype)`` put channel first (scaling included; tests
+    hold them equal), without ever holding the stored type (int16 for CT) and the float32
+    array whole at once, nor a second copy for the channel-first order.
     """
     channels = int(np.prod(shape[3:], dtype=np.int64))
-    out = np.empty((channels, *shape[:3]), dtype=np.float32)
+    out = np.empty((channels, *shape[:3]), dtype=dtype)
     step = _slab_slices(shape)
     for k in range(0, shape[2], step):
         # The proxy applies the header's scaling (scl_slope/inter) as np.asarray(proxy) does.
@@ -323,7 +335,7 @@ def _component_bytes(pixel_id: int) -> int:
     return int(bits[1]) // 8 if bits else 1
 
 
-def _read_itk(path: Path, limit: int) -> Volume:
+def _read_itk(path: Path, limit: int, integers: bool = False) -> Volume:
     import SimpleITK as sitk
 
     data = header_data(path)
@@ -351,7 +363,8 @@ def _read_itk(path: Path, limit: int) -> Volume:
     if view.dtype.kind == "c":
         array, notes = _real_valued(np.ascontiguousarray(_itk_channels_first(view, img)))
     else:
-        array, notes = _itk_slabs(_itk_channels_first(view, img)), ()
+        keep = integers and view.dtype in COMPACT_TYPES  # SimpleITK has applied any scaling
+        array, notes = _itk_slabs(_itk_channels_first(view, img), view.dtype if keep else _FLOAT32), ()
     del view, img  # SimpleITK's copy of the voxels goes now, before anything else is allocated
     geometry = grid(path, array.shape[1:], axes, origin)
     return Volume(array, geometry, path, notes=notes)
@@ -366,10 +379,10 @@ def _itk_channels_first(array: np.ndarray, img) -> np.ndarray:
     return np.transpose(array, (3, 2, 1, 0))
 
 
-def _itk_slabs(view: np.ndarray) -> np.ndarray:
-    """``view`` (C, X, Y, Z) of any real type as a new C-contiguous float32 array, converted
+def _itk_slabs(view: np.ndarray, dtype: np.dtype = _FLOAT32) -> np.ndarray:
+    """``view`` (C, X, Y, Z) of any real type as a new C-contiguous ``dtype`` array, converted
     a slab of slices at a time (never a second whole-volume temporary)."""
-    out = np.empty(view.shape, dtype=np.float32)
+    out = np.empty(view.shape, dtype=dtype)
     step = _slab_slices((*view.shape[1:], view.shape[0]))
     for k in range(0, view.shape[3], step):
         out[..., k : k + step] = view[..., k : k + step]

@@ -29,6 +29,7 @@ def build_transforms(
     label_keys: tuple[str, ...] = (),
     series_uid_key: str | None = "series_uid",
     inplace: bool = False,
+    intensity: bool = True,
 ) -> Compose:
     """The Compose that turns a scan path (or a loaded MetaTensor) into network-ready input.
 
@@ -46,6 +47,8 @@ def build_transforms(
         inplace: orientation and intensity overwrite the input tensors instead of copying
             them (the same results and recorded operations; no second volume in memory), for
             callers that own the data and never use it again, as inference does.
+        intensity: end with the intensity preset; False leaves it to the caller (inference
+            defers a CT window to each slice batch, ``medseg.inference.segment.prepare``).
     """
     all_keys = (*keys, *label_keys)
     steps = []
@@ -61,5 +64,6 @@ def build_transforms(
         steps.append(ResampleInPlaned(keys, spec.spacing, spec.slice_axis, mode="bilinear"))
         if label_keys:
             steps.append(ResampleInPlaned(label_keys, spec.spacing, spec.slice_axis, mode="nearest"))
-    steps.append(NormalizeIntensityPresetd(keys, spec.preset, inplace=inplace))
+    if intensity:
+        steps.append(NormalizeIntensityPresetd(keys, spec.preset, inplace=inplace))
     return Compose(steps)

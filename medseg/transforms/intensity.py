@@ -3,6 +3,11 @@
 CT values are Hounsfield units, so a fixed window maps them to [0, 1]. MR intensities have no
 physical unit (the hippocampus crops peak anywhere from ~100 to 1.7 million), so each volume
 is clipped to its own 0.5-99.5 percentiles and z-scored.
+
+A per-voxel preset (a CT window, or none) can also be *deferred*: inference keeps a CT's
+stored int16 voxels (half a float32 volume) and maps each slice batch as it is sent to the
+network (:func:`defer_preset`, :func:`pending_preset`, :func:`apply_pending_`); the same
+float32 operations on the same values, so the same network input bit for bit.
 """
 
 from __future__ import annotations
@@ -63,6 +68,38 @@ def _percentiles(ch: torch.Tensor, p: IntensityPreset) -> tuple[float, float]:
     # numpy's percentile: torch.quantile refuses tensors over 16M elements.
     lo, hi = np.percentile(ch.detach().cpu().numpy(), (p.lower, p.upper))
     return float(lo), float(hi)
+
+
+#: The MetaTensor meta key naming a preset that is still to be applied to ``image``'s voxels.
+PENDING_PRESET = "medseg_pending_preset"
+
+
+def per_voxel(preset: str) -> bool:
+    """Whether ``preset`` maps each voxel on its own (a window, or none), so that applying it
+    slice batch by slice batch equals applying it to the whole volume."""
+    return PRESETS[preset].kind in ("window", "none")
+
+
+def defer_preset(image: MetaTensor, preset: str) -> MetaTensor:
+    """Leave ``image``'s voxels as they are and record that ``preset`` (per voxel) is pending:
+    whoever reads its slices applies it with :func:`apply_pending_`. Returns ``image``."""
+    if not per_voxel(preset):
+        raise ValueError(f"preset {preset!r} needs the whole volume's statistics; it cannot wait for slices")
+    image.meta[PENDING_PRESET] = preset
+    return image
+
+
+def pending_preset(image: torch.Tensor) -> str | None:
+    """The preset still to be applied to ``image``'s voxels (None: they are network input)."""
+    return image.meta.get(PENDING_PRESET) if isinstance(image, MetaTensor) else None
+
+
+def apply_pending_(x: torch.Tensor, preset: str | None) -> torch.Tensor:
+    """Apply the pending per-voxel ``preset`` to float32 ``x`` (a slice batch, or a slab) in
+    place, exactly as preprocessing would have (:func:`_normalize_`); returns ``x``."""
+    if preset is not None and PRESETS[preset].kind != "none":
+        _normalize_(x, PRESETS[preset])
+    return x
 
 
 class NormalizeIntensityPreset(Transform):

@@ -20,6 +20,7 @@ from helpers import make_geometry, phantom, rotation, threshold_model, write_itk
 from monai.data import MetaTensor
 from monai.transforms import Compose, Orientation
 
+from medseg.inference.options import InferenceOptions
 from medseg.inference.predictor import EnsemblePredictor, SlicePredictor
 from medseg.inference.segment import predict_labels, prepare, segment_volume
 from medseg.io import readers
@@ -27,7 +28,7 @@ from medseg.io.readers import read_file
 from medseg.io.volume import Volume
 from medseg.model import Model
 from medseg.spec import ModelSpec, NetworkSpec, labels_from_names
-from medseg.transforms.intensity import normalize_intensity
+from medseg.transforms.intensity import defer_preset, normalize_intensity, pending_preset
 from medseg.transforms.orientation import OrientationInPlace, OrientationInPlaced, flip_
 
 SHAPE = (16, 15, 7)
@@ -214,3 +215,98 @@ def test_ensemble_sums_in_a_compact_accumulator_with_the_labels_of_a_float32_sum
     assert predictor._sum(image, None).dtype == torch.int16
     torch.testing.assert_close(predictor.predict_probabilities(image), total / len(members), atol=1e-4, rtol=0)
     assert torch.equal(predictor.predict(image), exact)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+@pytest.mark.parametrize(("stored", "kept"), [(np.int16, True), (np.uint8, True), (np.uint16, False)])
+def test_integers_keeps_small_stored_integers_in_their_type(tmp_path, small_slabs, suffix, stored, kept):
+    data = _ct_like().clip(np.iinfo(stored).min, np.iinfo(stored).max).astype(stored)
+    geometry = make_geometry(SHAPE)
+    path = (write_nifti if suffix == ".nii.gz" else write_itk)(tmp_path / f"scan{suffix}", data, geometry)
+    volume = read_file(path, integers=True)
+    assert volume.array.dtype == (np.dtype(stored) if kept else np.float32)
+    np.testing.assert_array_equal(volume.array[0], data)
+    assert read_file(path).array.dtype == np.float32  # the default is unchanged
+
+
+def test_integers_keeps_a_big_endian_int16_nifti_in_int16(tmp_path):
+    data = _ct_like().astype(">i2")
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 1.1, 2.5, 1.0])), str(tmp_path / "big.nii"))
+    volume = read_file(tmp_path / "big.nii", integers=True)
+    assert volume.array.dtype == np.dtype(np.int16)  # native order
+    np.testing.assert_array_equal(volume.array[0], data)
+
+
+def test_integers_leaves_scaled_nifti_voxels_to_float32(tmp_path):
+    img = nib.Nifti1Image(_ct_like(), np.diag([0.8, 1.1, 2.5, 1.0]))
+    img.header.set_slope_inter(0.37, -12.5)
+    nib.save(img, str(tmp_path / "scaled.nii"))
+    volume = read_file(tmp_path / "scaled.nii", integers=True)
+    assert volume.array.dtype == np.float32
+    np.testing.assert_array_equal(volume.array, read_file(tmp_path / "scaled.nii").array)
+
+
+def _ct_network_model(window: tuple[int, int], preset: str = "ct_abdomen") -> Model:
+    """The known-answer thresholds (0.3 and 0.7 of the window: 0 and 120 HU) under a CT window
+    preset: labels that follow the windowed intensities voxel by voxel."""
+    model = threshold_model(0.3, 0.7, window=window)
+    return dataclasses.replace(model, spec=dataclasses.replace(model.spec, preset=preset))
+
+
+@pytest.mark.parametrize("window", [(64, 64), (16, 16)], ids=["whole-slices", "sliding-window"])
+def test_a_ct_kept_in_int16_is_windowed_per_batch_to_the_same_labels(window):
+    """Stored int16 + a CT window: the volume stays int16 (half the memory), the window is
+    applied to each slice batch, and the labels equal the float32 path's (content crop,
+    padding value and sliding window included)."""
+    shape = (40, 33, 9)
+    geometry = make_geometry(shape, (0.7, 0.9, 3.0), direction=rotation((0, 180, 0)))
+    data = np.full(shape, -1024, dtype=np.int16)  # air around a body, so the content crop bites
+    data[6:31, 5:27, :] = _ct_like((25, 22, 9), seed=4) // 4
+    model = _ct_network_model(window)
+    predictor = SlicePredictor(model, InferenceOptions(device="cpu", precision="fp32", engine="torch"))
+    as_float = Volume(data[None].astype(np.float32), geometry, Path("ct.nii.gz"))
+    as_int16 = Volume(data[None].copy(), geometry, Path("ct.nii.gz"))
+
+    prepared = prepare(as_int16, model.spec, inplace=True)
+    assert prepared.image.dtype == torch.int16 and pending_preset(prepared.image) == "ct_abdomen"
+    labels = predict_labels(prepared, predictor)
+    expected = segment_volume(as_float, predictor)
+    assert set(np.unique(expected)) == {0, 1, 2}  # the comparison means something
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_a_preset_needing_the_whole_volume_is_never_deferred():
+    model = _ct_network_model((64, 64), preset="mr")
+    volume = Volume(_ct_like()[None], make_geometry(SHAPE), Path("mr.nii.gz"))
+    prepared = prepare(volume, model.spec)
+    assert prepared.image.dtype == torch.float32 and pending_preset(prepared.image) is None
+    with pytest.raises(ValueError, match="needs the whole volume's statistics"):
+        defer_preset(prepared.image, "mr")
+
+
+def test_segment_keeps_a_ct_in_int16_and_writes_the_labels_of_the_float32_path(tmp_path, monkeypatch):
+    """Through medseg.segment: the worker reads int16 (watched at prepare) and the written
+    labels equal segment_volume on the float32 read; with --formats qc (voxels shown as
+    read) the float32 path is taken."""
+    import medseg.batch.worker as worker
+    from medseg import segment
+    from medseg.io import read_scan
+
+    shape = (40, 33, 9)
+    geometry = make_geometry(shape, (0.7, 0.9, 3.0))
+    data = np.full(shape, -1024, dtype=np.int16)
+    data[6:31, 5:27, :] = _ct_like((25, 22, 9), seed=5) // 4
+    scan = write_nifti(tmp_path / "ct.nii.gz", data, geometry)
+    model = _ct_network_model((64, 64))
+    seen = []
+    real_prepare = worker.prepare
+    monkeypatch.setattr(worker, "prepare", lambda v, *a, **k: (seen.append(v.array.dtype), real_prepare(v, *a, **k))[1])
+
+    report = segment(scan, tmp_path / "out", model, formats="nifti", device="cpu", precision="fp32", engine="torch")
+    assert report.records[0].status == "ok" and seen == [np.dtype(np.int16)]
+    predictor = SlicePredictor(model, InferenceOptions(device="cpu", precision="fp32", engine="torch"))
+    expected = segment_volume(read_scan(scan), predictor)
+    np.testing.assert_array_equal(read_scan(report.records[0].outputs["nifti"]).array[0], expected)
+
+    segment(scan, tmp_path / "qc", model, formats="nifti,qc", device="cpu", precision="fp32", engine="torch")
+    assert seen[-1] == np.float32

@@ -134,3 +134,13 @@ def test_argmax_labels_is_the_argmax_with_its_ties(dim, dtype):
     # A channels-last (N, classes, H, W) batch, as engines return.
     if dim == 1:
         assert torch.equal(argmax_labels(scores.contiguous(memory_format=torch.channels_last), values), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_argmax_labels_lets_nan_win_as_torch_argmax_does(dtype):
+    nan = float("nan")
+    scores = torch.tensor([[1, nan, 2], [1, 3, nan], [0, nan, nan], [nan, 5, 6], [2, 1, 0]], dtype=dtype).T[None]
+    values = (0, 1, 2)
+    expected = torch.tensor(values, dtype=torch.uint8)[scores.float().argmax(dim=1)]
+    assert torch.equal(argmax_labels(scores, values), expected)
+    assert expected.tolist() == [[1, 2, 1, 0, 0]]
