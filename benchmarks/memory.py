@@ -78,14 +78,14 @@ def write_scans(folder: Path, shape: tuple[int, int, int]) -> list[Path]:
     return paths
 
 
-def write_model(folder: Path, base_channels: int) -> Path:
+def write_model(folder: Path, base_channels: int, preset: str = "ct_abdomen") -> Path:
     from medseg.model import init_model
     from medseg.spec import ModelSpec, NetworkSpec, labels_from_names
 
     spec = ModelSpec(
         labels=labels_from_names(["background", "liver"]),
         network=NetworkSpec(out_channels=2, base_channels=base_channels),
-        preset="ct_abdomen",
+        preset=preset,
         slice_axis="axial",
         window=(512, 512),
     )
@@ -150,6 +150,12 @@ def main() -> None:
     parser.add_argument("--timeline", action="store_true", help="sample each medseg run's RSS every 50 ms")
     parser.add_argument("--no-recipe", action="store_true", help="skip the MONAI recipe (the slowest run)")
     parser.add_argument("--engine", help="passed to medseg segment --engine (default: the command's own)")
+    parser.add_argument(
+        "--preset",
+        default="ct_abdomen",
+        help="the model's intensity preset (default ct_abdomen; mr: percentiles and z-score, "
+        "which need the whole volume; the recipe, a CT window, runs with ct_abdomen only)",
+    )
     parser.add_argument("--recipe-child", nargs=3, metavar=("SCAN", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.recipe_child:
@@ -163,20 +169,21 @@ def main() -> None:
     shape = (512, 512, args.slices)
     size = 4.0 * np.prod(shape)
     print(
-        f"volume {'x'.join(map(str, shape))}, int16 on disk; float32 size {size / GB:.3f} GB (2x: {2 * size / GB:.3f})"
+        f"volume {'x'.join(map(str, shape))}, int16 on disk; float32 size {size / GB:.3f} GB "
+        f"(2x: {2 * size / GB:.3f}); model preset {args.preset}"
     )
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         scans = write_scans(tmp, shape)
-        model = write_model(tmp / "model", args.base_channels)
+        model = write_model(tmp / "model", args.base_channels, args.preset)
         runs: list[tuple[str, list[str]]] = [(f"python: {IMPORTS}", [python, "-c", IMPORTS])]
         for scan in scans:
             out = tmp / f"out-{scan.parent.name}"
             command = [python, "-m", "medseg", "segment", str(scan), "-o", str(out), "--model", str(model)]
             command += ["--formats", "nifti", "--quiet"] + (["--engine", args.engine] if args.engine else [])
             runs.append((f"medseg segment {scan.name}", command))
-        if not args.no_recipe:
+        if not args.no_recipe and args.preset == "ct_abdomen":
             for scan in scans:
                 out = tmp / f"recipe-{scan.parent.name}"
                 command = [python, __file__, "--recipe-child", str(scan), str(model), str(out)]

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
-import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from medseg.transforms.presets import PRESETS, IntensityPreset
+from medseg.transforms.quantiles import percentiles
 
 
 def normalize_intensity(image: torch.Tensor, preset: str, inplace: bool = False) -> torch.Tensor:
@@ -65,8 +65,9 @@ def _normalize_(x: torch.Tensor, p: IntensityPreset) -> None:
 
 
 def _percentiles(ch: torch.Tensor, p: IntensityPreset) -> tuple[float, float]:
-    # numpy's percentile: torch.quantile refuses tensors over 16M elements.
-    lo, hi = np.percentile(ch.detach().cpu().numpy(), (p.lower, p.upper))
+    # numpy's percentiles without numpy's copy of the volume (torch.quantile refuses tensors
+    # over 16M elements and sorts a copy too).
+    lo, hi = percentiles(ch.detach().cpu().numpy(), (p.lower, p.upper))
     return float(lo), float(hi)
 
 
