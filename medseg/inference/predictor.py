@@ -176,8 +176,11 @@ class SlicePredictor:
         spec = self.model.spec
         axis = slice_axis_index(spec.slice_axis, image.affine)
         preset = pending_preset(image)  # a CT window still to apply to each batch, or None
+        # Plain tensors through the network: a MetaTensor sends every op of every layer
+        # through MONAI's __torch_function__ (metadata a slice batch does not need).
+        voxels = image.as_tensor() if isinstance(image, MetaTensor) else image
         # The input's minimum: the preset is monotone, so it maps the voxels' minimum there.
-        pad_value = float(apply_pending_(image.as_tensor().min().float().reshape(1), preset))
+        pad_value = float(apply_pending_(voxels.min().float().reshape(1), preset))
         grid, region = self.region(image, pad_value)
         n_slices = int(image.shape[1 + axis])
         pixels = math.prod(region.size) if region.whole else math.prod(spec.window)
@@ -185,9 +188,6 @@ class SlicePredictor:
         logger.debug("slice axis %d, %d slices %s -> %s, %s", axis, n_slices, grid.native, grid.resized, region)
         if progress is not None:
             progress(0, n_slices)
-        # Plain tensors through the network: a MetaTensor sends every op of every layer
-        # through MONAI's __torch_function__ (metadata a slice batch does not need).
-        voxels = image.as_tensor() if isinstance(image, MetaTensor) else image
         with torch.inference_mode():
             for start in range(0, n_slices, step):
                 indices = range(start, min(start + step, n_slices))

@@ -1,7 +1,8 @@
 """Exact percentiles of a large float32 volume without copying it.
 
 ``np.percentile`` flattens and partitions a copy of its input: for the MR preset's 0.5 and
-99.5 percentiles of a 512x512x600 float32 volume, 0.63 GB more at the peak of preprocessing.
+99.5 percentiles of a 512x512x600 float32 volume, a 0.63 GB copy (the run's peak went from
+1.73 to 1.45 GB without it, ``benchmarks/memory.py --preset mr``).
 :func:`percentiles` gives the same numbers, bit for bit (numpy's "linear" method, float64
 results), from two passes over the volume a slab at a time: the order statistics it needs
 are found by a radix selection on the float32 values' bit patterns (a histogram of their top
