@@ -507,13 +507,52 @@ def _run_list(discovery) -> int:
     return EXIT_OK
 
 
-def _leave_out_ignite() -> None:
-    """Tell this process pytorch-ignite is absent. ``import monai`` imports it (for MONAI's
-    engines and handlers, which segmenting never uses) and with it torch.distributed and
-    sympy: ~1.1-1.8 s and ~54 MB of every ``medseg segment`` (benchmarks/RESULTS.md,
-    "Start-up"). MONAI imports it optionally, so it carries on as without ignite installed.
-    Only the command's own process: a library user's MONAI keeps its engines."""
-    sys.modules.setdefault("ignite", None)  # type: ignore[arg-type]  # None: "not importable"
+# What ``import monai`` imports when installed (its optional imports are eager, and MONAI's
+# __init__ imports every sub-package) that segmenting never uses: engines and handlers
+# (pytorch-ignite, tensorboard, mlflow, clearml), networks and losses (transformers,
+# torchvision, lpips, segment_anything), other readers and GPU array libraries (itk, cucim,
+# openslide, tifffile, zarr, h5py, cv2, cupy, kvikio), TensorRT, tuning (optuna, nni),
+# tables (pandas, sklearn, skimage). On an ML image with them installed, importing MONAI
+# took 11.7 s of the 13.9 s to the first forward (benchmarks/RESULTS.md, "On a GPU");
+# pytorch-ignite alone is 1-2 s and 54 MB ("Start-up").
+UNUSED_BY_SEGMENT = (
+    "ignite",
+    "tensorboard",
+    "tensorboardX",
+    "mlflow",
+    "clearml",
+    "transformers",
+    "torchvision",
+    "lpips",
+    "segment_anything",
+    "itk",
+    "cucim",
+    "openslide",
+    "tifffile",
+    "zarr",
+    "h5py",
+    "cv2",
+    "cupy",
+    "cupyx",
+    "kvikio",
+    "tensorrt",
+    "torch_tensorrt",
+    "polygraphy",
+    "optuna",
+    "nni",
+    "pandas",
+    "sklearn",
+    "skimage",
+)
+
+
+def _leave_out_unused_imports() -> None:
+    """Tell this process the packages of ``UNUSED_BY_SEGMENT`` are absent, so ``import monai``
+    carries on as on a machine without them (MONAI imports them optionally). Only the
+    command's own process, and only packages not imported yet: a library user's MONAI keeps
+    its engines, and any package already loaded stays."""
+    for name in UNUSED_BY_SEGMENT:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # None: "not importable"
 
 
 def _run_segment(args: argparse.Namespace) -> int:
@@ -521,7 +560,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         from medseg.io.discover import discover_all
 
         return _run_list(discover_all(list(args.inputs), args.series_uid))
-    _leave_out_ignite()
+    _leave_out_unused_imports()
     from medseg.batch.run import segment, torchrun_device, torchrun_shard
 
     # torchrun's ranks shard a local run; a Ray run is spread by Ray.

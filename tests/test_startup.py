@@ -2,6 +2,7 @@
 and process exit change nothing a user can see."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,38 @@ def test_segment_command_leaves_ignite_out(tmp_path):
     assert code == 0 and (tmp_path / "out" / "scan.nii.gz").is_file()
     # "ignite" itself is there as the None that marks it absent; none of its modules loaded.
     assert "monai" in heavy and not [m for m in heavy if m.startswith("ignite.")]
+
+
+# Packages MONAI imports when they are installed (none is here): stand-ins that say so.
+_STAND_INS = ("transformers", "torchvision", "cupy", "pandas", "skimage", "itk", "tensorboard")
+
+
+def test_segment_command_leaves_out_what_monai_would_import_and_segmenting_never_uses(tmp_path):
+    """Stand-ins for packages an ML image has installed record their import; ``import monai``
+    alone imports them (so the check can fail), ``medseg segment`` imports none and works."""
+    from helpers import make_geometry, phantom, write_nifti
+
+    site, marks = tmp_path / "site", tmp_path / "imported.txt"
+    for name in _STAND_INS:
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(f"open({str(marks)!r}, 'a').write('{name}\\n')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+    subprocess.run([sys.executable, "-c", "import monai"], env=env, capture_output=True, check=True)
+    assert set(marks.read_text().split()) >= {"transformers", "torchvision", "cupy"}
+    marks.unlink()
+
+    g = make_geometry((12, 14, 6), (1.0, 1.0, 2.0))
+    scan = write_nifti(tmp_path / "scan.nii.gz", phantom(g.shape), g)
+    done = subprocess.run(
+        [sys.executable, "-m", "medseg", "segment", str(scan), "-o", str(tmp_path / "out"), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "scan.nii.gz").is_file()
+    assert not marks.exists(), marks.read_text()
 
 
 def test_info_reads_model_json_without_torch():
