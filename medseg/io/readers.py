@@ -174,6 +174,8 @@ def _read_nifti(path: Path, limit: int, integers: bool = False) -> Volume:
             native = dtype.newbyteorder("=")  # a big-endian file's int16 is int16 too
             keep = integers and native in COMPACT_TYPES and unscaled
             array, notes = _read_slabs(proxy, shape, native if keep else _FLOAT32), ()
+        if path.name.lower().endswith(".gz"):
+            _read_gzip_to_end(proxy)
     except Exception as err:  # truncated gzip streams, CRC errors, short reads...
         raise _unreadable_nifti(path, err) from err
     notes += _xform_notes(path, img)
@@ -231,6 +233,27 @@ def _check_pixdim(path: Path, img) -> None:
             "zero, negative or not a number",
             "fix the header (the voxel spacing) or re-export the scan",
         )
+
+
+def _read_gzip_to_end(proxy) -> None:
+    """Read a .nii.gz stream past the voxels to its end, where gzip checks the CRC and length
+    of all it decompressed: nibabel reads only the bytes the voxels need, and a stream read
+    short of its end is never checked, so a flipped bit would be segmented as if nothing were
+    wrong. Raises what gzip raises (BadGzipFile, EOFError) for a corrupt stream.
+
+    Uses the file nibabel keeps open (``keep_file_open=True``), positioned after the voxels:
+    nothing is decompressed twice. Without it (another nibabel), the file is decompressed
+    once more, to its end.
+    """
+    opener = getattr(proxy, "_opener", None)
+    stream = getattr(opener, "fobj", None)
+    if stream is not None and not stream.closed:
+        while stream.read(2**20):
+            pass
+        return
+    with gzip.open(proxy.file_like, "rb") as whole:
+        while whole.read(2**24):
+            pass
 
 
 def _unreadable_nifti(path: Path, err: Exception) -> ScanError:

@@ -3,12 +3,13 @@
 ``np.percentile`` flattens and partitions a copy of its input: for the MR preset's 0.5 and
 99.5 percentiles of a 512x512x600 float32 volume, a 0.63 GB copy (the run's peak went from
 1.73 to 1.45 GB without it, ``benchmarks/memory.py --preset mr``).
-:func:`percentiles` gives the same numbers, bit for bit (numpy's "linear" method, float64
-results), from two passes over the volume a slab at a time: the order statistics it needs
-are found by a radix selection on the float32 values' bit patterns (a histogram of their top
-16 bits, then of the low 16 bits inside the bins that hold the wanted ranks), and numpy's
-interpolation arithmetic is then applied to them. Extra memory: a few 2**16-bin histograms
-and one slab.
+:func:`percentiles` gives the same numbers (numpy's "linear" method, float64 results; bit
+for bit, except that a zero may come back as -0.0 where numpy gives 0.0 or the reverse:
+numpy's partition leaves either zero at a rank, this selection orders -0.0 first) from two
+passes over the volume a slab at a time: the order statistics it needs are found by a radix
+selection on the float32 values' bit patterns (a histogram of their top 16 bits, then of the
+low 16 bits inside the bins that hold the wanted ranks), and numpy's interpolation
+arithmetic is then applied to them. Extra memory: a few 2**16-bin histograms and one slab.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ _BINS = 2**16
 
 
 def percentiles(x: np.ndarray, qs: Sequence[float]) -> np.ndarray:
-    """``np.percentile(x, qs)`` (float64, one value per q) for a float32 ``x`` of any shape
-    and strides, without a copy of ``x``. NaN-free input (``checked`` volumes are); other
-    dtypes are handed to numpy."""
-    if x.dtype != np.float32 or x.size == 0:
+    """``np.percentile(x, qs)`` (float64, one value per q in the sequence ``qs``) for a float32
+    ``x`` of any shape and strides, without a copy of ``x``. NaN-free input (``checked``
+    volumes are); other dtypes, and a ``qs`` that is not a sequence, are handed to numpy."""
+    if x.dtype != np.float32 or x.size == 0 or np.ndim(qs) != 1:
         return np.percentile(x, qs)
+    if not all(0 <= q <= 100 for q in qs):  # also refuses NaN
+        raise ValueError(f"Percentiles must be in the range [0, 100], got {list(qs)}")
     n = x.size
     # numpy's "linear" method: the same operations in the same order and types.
     virtual = (n - 1) * np.true_divide(np.asarray(qs, dtype=np.float64), 100)

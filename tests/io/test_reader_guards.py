@@ -107,6 +107,53 @@ def test_multi_member_gzip_still_reads(tmp_path):
     np.testing.assert_array_equal(read_scan(path).array[0], phantom(GEOMETRY.shape))
 
 
+def _corrupt_gzip(plain: bytes, how: str) -> bytes:
+    """A gzip stream of ``plain`` damaged as ``how`` says; Python's gzip refuses each."""
+    if how == "crc":  # one byte of the trailer's CRC flipped
+        data = bytearray(gzip.compress(plain))
+        data[-8] ^= 0xFF
+    elif how == "payload":  # one voxel byte flipped in stored (uncompressed) blocks, CRC stale
+        data = bytearray(gzip.compress(plain, compresslevel=0))
+        data[len(data) - 300] ^= 0x40
+    elif how == "length":  # the trailer's length field off by one
+        data = bytearray(gzip.compress(plain))
+        data[-4] ^= 0x01
+    else:  # bytes after the stream that are no gzip member
+        data = bytearray(gzip.compress(plain) + b"not gzip")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("how", ["crc", "payload", "length", "trailing"])
+@pytest.mark.parametrize("integers", [False, True])
+def test_a_corrupt_gzip_stream_is_refused_not_segmented(tmp_path, how, integers):
+    """nibabel reads only the bytes the voxels need, and gzip checks a stream at its end:
+    read short of it, a flipped bit passed unnoticed. The reader reads to the end."""
+    # Larger than gzip's read-ahead (a small file is read to its end, and checked, anyway).
+    geometry = make_geometry((60, 50, 40))
+    data = (phantom(geometry.shape) * 10).astype(np.int16)
+    plain = write_nifti(tmp_path / "a.nii", data, geometry).read_bytes()
+    path = tmp_path / f"{how}.nii.gz"
+    path.write_bytes(_corrupt_gzip(plain, how))
+    with pytest.raises(gzip.BadGzipFile):
+        gzip.decompress(path.read_bytes())
+    with pytest.raises(ScanError, match=rf"{how}\.nii\.gz: cannot be read as NIfTI .*re-copy it"):
+        medseg.io.readers.read_file(path, integers=integers)
+
+
+def test_the_whole_stream_is_checked_without_nibabels_open_file(tmp_path):
+    plain = write_nifti(tmp_path / "a.nii", phantom(GEOMETRY.shape), GEOMETRY).read_bytes()
+    (tmp_path / "bad.nii.gz").write_bytes(_corrupt_gzip(plain, "crc"))
+    (tmp_path / "good.nii.gz").write_bytes(gzip.compress(plain))
+
+    class Proxy:  # what another nibabel might leave: no open file
+        file_like = str(tmp_path / "bad.nii.gz")
+
+    with pytest.raises(gzip.BadGzipFile):
+        medseg.io.readers._read_gzip_to_end(Proxy())
+    Proxy.file_like = str(tmp_path / "good.nii.gz")
+    medseg.io.readers._read_gzip_to_end(Proxy())
+
+
 # --- sheared grids and bad spacing -----------------------------------------------------------
 
 

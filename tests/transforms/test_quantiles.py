@@ -27,7 +27,16 @@ def test_percentiles_equal_numpys_bit_for_bit(slabs, n, kind):
         "signed-zeros": rng.choice([-0.0, 0.0, 1.5, -2.5], n),
         "huge": rng.normal(0, 1, n) * 10.0 ** rng.integers(-30, 30, n),
     }[kind].astype(np.float32)
+    # assert_array_equal holds -0.0 equal to 0.0: a zero's sign may differ (module docstring).
     np.testing.assert_array_equal(percentiles(x, QS), np.percentile(x, QS))
+
+
+def test_percentiles_refuse_what_numpy_refuses_and_take_what_it_takes():
+    x = np.arange(10, dtype=np.float32)
+    for bad in ((-1.0,), (101.0,), (float("nan"),)):
+        with pytest.raises(ValueError, match=r"range \[0, 100\]"):
+            percentiles(x, bad)
+    assert percentiles(x, 50.0) == np.percentile(x, 50.0)  # a scalar q, as numpy takes it
 
 
 def test_percentiles_of_a_strided_view_need_no_copy_of_it(slabs):
