@@ -154,6 +154,30 @@ def test_the_whole_stream_is_checked_without_nibabels_open_file(tmp_path):
     medseg.io.readers._read_gzip_to_end(Proxy())
 
 
+@pytest.mark.parametrize("suffix", [".mha", ".mhd"])
+@pytest.mark.parametrize("damage", ["none", "flipped", "cut"])
+def test_a_corrupt_compressed_metaimage_is_refused_not_segmented(tmp_path, suffix, damage):
+    """SimpleITK reads a damaged compressed MetaImage with a message on stderr and wrong
+    voxels; the reader checks the zlib stream first and refuses it naming the file."""
+    import SimpleITK as sitk
+
+    data = (phantom((40, 50, 30)) * 10).astype(np.int16)
+    path = tmp_path / f"scan{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(data.T)), str(path), useCompression=True)
+    stream = path if suffix == ".mha" else tmp_path / "scan.zraw"
+    raw = bytearray(stream.read_bytes())
+    if damage == "flipped":
+        raw[len(raw) - len(raw) // 4] ^= 0x40
+    elif damage == "cut":
+        raw = raw[: len(raw) - len(raw) // 3]
+    stream.write_bytes(bytes(raw))
+    if damage == "none":
+        np.testing.assert_array_equal(medseg.io.readers.read_file(path).array[0], data)
+        return
+    with pytest.raises(ScanError, match=rf"scan\{suffix}: its compressed voxel data .*re-copy or re-export"):
+        medseg.io.readers.read_file(path)
+
+
 # --- sheared grids and bad spacing -----------------------------------------------------------
 
 
